@@ -1,0 +1,33 @@
+"""Shared test set-up: environment for CPU runs, the ``gpu`` marker."""
+
+from __future__ import annotations
+
+import os
+
+# Before any triton/vllm import: kernels run under the Triton interpreter on CPU-only machines,
+# vLLM runs its CPU platform offline.
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device kernels run on: CUDA when present, else CPU (Triton interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
