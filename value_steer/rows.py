@@ -7,6 +7,7 @@ per-row threshold / direction sign / mode / K from these buffers, so the step ha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,19 +50,25 @@ class RowTable:
 
     def set_row(self, row: int, *, mode: int, threshold: float, sign: float, num_candidates: int) -> None:
         """Write one row (host -> device copies; never row 0)."""
-        if not 1 <= row < self.num_rows:
-            raise ValueError(f"row must be in [1, {self.num_rows}), got {row}")
-        if mode not in (MODE_OFF, MODE_ABSTAIN, MODE_VFD):
-            raise ValueError(f"mode must be one of {sorted(MODES.values())}, got {mode}")
-        if sign not in (1.0, -1.0):
-            raise ValueError(f"sign must be +1.0 or -1.0, got {sign}")
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        self._check_row(row)
+        if isinstance(mode, bool) or mode not in (MODE_OFF, MODE_ABSTAIN, MODE_VFD):
+            raise ValueError(f"mode must be one of {sorted(MODES.values())}, got {mode!r}")
+        if isinstance(sign, bool) or sign not in (1.0, -1.0):
+            raise ValueError(f"sign must be +1.0 or -1.0, got {sign!r}")
+        if not isinstance(num_candidates, int) or isinstance(num_candidates, bool) or num_candidates < 1:
+            raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
+        if not math.isfinite(float(threshold)):
+            raise ValueError(f"threshold must be finite, got {threshold!r}")
         self.threshold[row] = float(threshold)
         self.sign[row] = float(sign)
         self.mode[row] = int(mode)
         self.num_candidates[row] = int(num_candidates)
 
+    def _check_row(self, row: int) -> None:
+        if isinstance(row, bool) or not isinstance(row, int) or not 1 <= row < self.num_rows:
+            raise ValueError(f"row must be an int in [1, {self.num_rows}), got {row!r}")
+
     def clear_row(self, row: int) -> None:
+        self._check_row(row)
         self.mode[row] = MODE_OFF
         self.num_candidates[row] = 1

@@ -15,6 +15,7 @@ Conventions shared with the row table (``value_steer.rows``):
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -31,7 +32,9 @@ def _check_vector(vector: torch.Tensor, hidden: int, field: str = "vector") -> t
 
 
 def _check_scale(scale: float, field: str = "scale") -> float:
-    if not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
         raise ValueError(f"{field} must be a finite number, got {scale!r}")
     return float(scale)
 

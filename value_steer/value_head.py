@@ -75,7 +75,7 @@ class ValueHead(nn.Sequential):
     """
 
     def __init__(self, hidden_size: int) -> None:
-        if not isinstance(hidden_size, int) or hidden_size < 1:
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         super().__init__(
             nn.Linear(hidden_size, hidden_size),
