@@ -30,8 +30,49 @@ def patch_vllm_version() -> None:
     md.version = version  # type: ignore[assignment]
 
 
+VALIDATOR = "value_steer.patches.vllm_0_32:RequestArgsValidator"
+WORKER = "value_steer.worker.ValueSteerWorker"
+
+
+def _arg_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """With value_steer's worker: validate ``--additional-config`` now (a bad config fails before any
+    engine starts, naming the field), hand it to the API process's request validator through
+    ``VALUE_STEER_CONFIG``, and add the validator to ``--logits-processors`` so bad per-request
+    ``vllm_xargs`` are HTTP 400s."""
+    import json
+    import os
+
+    from value_steer.config import ConfigError, parse_additional_config
+
+    if _arg_value(argv, "--worker-cls") != WORKER:
+        return argv
+    raw = _arg_value(argv, "--additional-config") or "{}"
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"value_steer: --additional-config is not valid JSON: {exc}") from None
+    try:
+        parse_additional_config(parsed)
+    except ConfigError as exc:
+        raise SystemExit(f"value_steer: invalid --additional-config: {exc}") from None
+    os.environ["VALUE_STEER_CONFIG"] = json.dumps(parsed)
+    if VALIDATOR not in " ".join(argv):
+        argv = [*argv, "--logits-processors", VALIDATOR]
+    return argv
+
+
 def main() -> None:
     patch_vllm_version()
+    sys.argv = prepare_argv(sys.argv)
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.exit(vllm_main())

