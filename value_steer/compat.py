@@ -1,0 +1,82 @@
+"""``value-steer-compat``: check the installed vLLM against the adapter's contract.
+
+Static (default): resolve the adapter for the installed vLLM version and check every internal it binds
+to (``CONTRACT``: modules, classes, methods and their parameters). ``--behavioral``: build a tiny
+random Llama, start a real engine with ``ValueSteerWorker`` and a planted value head, and assert that
+steering fires (abstention forces EOS when the value crosses the threshold, and does nothing when it
+does not). Exit status 0 = compatible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def static_check() -> list[str]:
+    from value_steer.patches import adapter_name, get_adapter, vllm_version
+
+    version = vllm_version()
+    print(f"vLLM {version} -> adapter {adapter_name(version)}")
+    adapter = get_adapter(version)
+    problems = adapter.check_contract()
+    for module, qualname, _ in adapter.CONTRACT:
+        status = "MISSING" if any(p.startswith(f"{module}.{qualname}:") for p in problems) else "ok"
+        print(f"  [{status:7s}] {module}.{qualname}")
+    return problems
+
+
+def behavioral_check(workdir: Path) -> list[str]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from value_steer.checkpoint import save_value_head
+    from value_steer.models import make_tiny_llama
+    from value_steer.value_head import ValueHead
+
+    model = make_tiny_llama(workdir / "tiny", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=2)
+    head = ValueHead(64)
+    with torch.no_grad():  # p = sigmoid(0) = 0.5 for every token
+        head[4].weight.zero_()
+        head[4].bias.zero_()
+    head_path = str(workdir / "head.safetensors")
+    save_value_head(head_path, head, threshold=0.6, meta={"planted": "constant 0.5"})
+    llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0,
+              worker_cls="value_steer.worker.ValueSteerWorker",
+              additional_config={"abstain": {"value_head_path": head_path}},
+              logits_processors=["value_steer.patches.vllm_0_32:RequestArgsValidator"])
+    problems = []
+    sp = dict(temperature=0.0, max_tokens=8)
+    fired = llm.generate(["hello world"], SamplingParams(**sp, extra_args={"threshold": 0.4}))[0].outputs[0]
+    quiet = llm.generate(["hello world"], SamplingParams(**sp, extra_args={"threshold": 0.6}))[0].outputs[0]
+    print(f"  abstain fires: {len(fired.token_ids)} tokens, finish={fired.finish_reason}")
+    print(f"  abstain quiet: {len(quiet.token_ids)} tokens, finish={quiet.finish_reason}")
+    if not (fired.finish_reason == "stop" and len(fired.token_ids) == 2):
+        problems.append("abstention did not force EOS on the first decode step")
+    if len(quiet.token_ids) != 8:
+        problems.append("abstention fired although the value never crossed the threshold")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="value-steer-compat", description=__doc__.splitlines()[0])
+    ap.add_argument("--behavioral", action="store_true", help="also run a tiny model and check steering fires")
+    args = ap.parse_args(argv)
+    problems = static_check()
+    if not problems and args.behavioral:
+        with tempfile.TemporaryDirectory(prefix="value-steer-compat-") as d:
+            problems += behavioral_check(Path(d))
+    for p in problems:
+        print(f"FAIL: {p}")
+    print("compatible" if not problems else f"{len(problems)} problem(s)")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
