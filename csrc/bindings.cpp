@@ -1,0 +1,19 @@
+// pybind11 module `value_steer._C`: the CPU implementations behind torch.ops.value_steer.* (registered
+// as torch custom ops in value_steer/kernels/ops.py).
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "value_steer CPU kernels (value head, score_and_select, paged-KV writes)";
+  m.def("value_head", &value_steer::value_head, "Fused value-head MLP: x [M, H] -> p [M] fp32", py::arg("x"),
+        py::arg("w0"), py::arg("b0"), py::arg("w2"), py::arg("b2"), py::arg("w4"), py::arg("b4"));
+  m.def("score_and_select", &value_steer::score_and_select, "Per-row VFD/abstain decision and winner gathers",
+        py::arg("values"), py::arg("cand_tokens"), py::arg("cand_logprobs"), py::arg("row_idx"),
+        py::arg("row_threshold"), py::arg("row_sign"), py::arg("row_mode"), py::arg("row_num_candidates"),
+        py::arg("cand_hidden") = py::none());
+  m.def("write_kv", &value_steer::write_kv, "Scatter K/V rows into paged caches by slot (strided views)",
+        py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"), py::arg("slot_mapping"));
+  m.def("copy_kv_slots", &value_steer::copy_kv_slots, "Copy slot -> slot in every cache view", py::arg("caches"),
+        py::arg("src_slots"), py::arg("dst_slots"));
+}

@@ -1,0 +1,36 @@
+// CPU implementations of the value_steer custom ops (the `value_steer._C` extension).
+//
+// Every function mirrors a Triton launcher in value_steer/kernels/*.py and is tested against the torch
+// reference there. Shapes/dtypes are documented on the Python side (value_steer.kernels.ops).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace value_steer {
+
+// x [M, H] float -> p [M] fp32. w0/w2 [H, H] fp32/bf16/fp16; b0/b2/w4 H elements; b4 1 element.
+// Every output element is one dot product with a fixed 16-lane summation order and the last layer is
+// summed per row in a fixed order, so results do not depend on M or on the thread count.
+at::Tensor value_head(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w2,
+                      const at::Tensor& b2, const at::Tensor& w4, const at::Tensor& b4);
+
+// Returns (winner_col i64, winner_token i64, winner_value f32, winner_logprob f32, intervened bool,
+//          force_eos bool, winner_hidden [R, H] or [R, 0] f32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_and_select(
+    const at::Tensor& values, const at::Tensor& cand_tokens, const at::Tensor& cand_logprobs,
+    const at::Tensor& row_idx, const at::Tensor& row_threshold, const at::Tensor& row_sign,
+    const at::Tensor& row_mode, const at::Tensor& row_num_candidates, const std::optional<at::Tensor>& cand_hidden);
+
+// key/value [N, kvh, d]; caches: 4-D logical [nb, bs, kvh, d] or 6-D tiled [nb, bs_o, bs_i, kvh, d_o, d_i]
+// views with arbitrary strides; slot_mapping [N] int64 (negative = skip). Writes in place.
+void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache, at::Tensor value_cache,
+              const at::Tensor& slot_mapping);
+
+// For every view and every pair p with both slots >= 0: cache[dst[p]] = cache[src[p]].
+void copy_kv_slots(std::vector<at::Tensor> caches, const at::Tensor& src_slots, const at::Tensor& dst_slots);
+
+}  // namespace value_steer
