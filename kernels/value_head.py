@@ -20,6 +20,15 @@ Precision: fp32 weights use fp32 FMA dots (``input_precision="ieee"``; never TF3
 ``value_steer.value_head.value_head_reference`` within ~1e-5. bf16/fp16 weights (pre-cast once by
 ``prepare_value_head_weights``) use tensor-core dots with ``x``/``h1`` rounded to the weight dtype and
 fp32 accumulation; the tolerance against the fp32 reference is looser (~1e-2 on ``p``).
+
+Under ``TRITON_INTERPRET=1`` the dots are emulated by an elementwise product and a k-ordered sum
+(``_mm_acc``): the interpreter's ``tl.dot`` is a numpy/BLAS sgemm whose rounding can depend on a row's
+position in the tile, and its bf16 ``tl.dot`` returns garbage (Triton 3.9). Same tiling, same loop.
+
+Cost model (H100 SXM, H = 4096): fp32 weights are 134 MB, ~40 us at 3.35 TB/s; the fp32 FMA work is
+``4 * M * H^2`` FLOP, ~16 us at M = 16 but ~65 us at M = 64 (67 TFLOP/s), so with fp32 weights M = 64
+is compute bound; the bf16-weight mode (67 MB, tensor cores) is the one that can reach the bandwidth
+goal there.
 """
 
 from __future__ import annotations
@@ -41,9 +50,11 @@ __all__ = [
     "value_head_triton",
 ]
 
-# Fixed tile sizes: part of the numerical contract (batch invariance), not tuning knobs per call.
+# Fixed tile sizes: part of the numerical contract (batch invariance), not tuning knobs per call. They
+# may be retuned per GPU, but must never become functions of M. BLOCK_N = 32 gives H / 32 programs per
+# 16-row tile (128 at H = 4096), about one per SM on an H100, for the memory-bound small-M case.
 BLOCK_M = 16
-BLOCK_N = 64
+BLOCK_N = 32
 BLOCK_K = 64
 NUM_WARPS = 4
 

@@ -92,6 +92,17 @@ def test_bad_shapes_raise() -> None:
         value_head_triton(torch.randn(3, 64), w[0], w[1], w[2].half(), *w[3:])
 
 
+def test_prepare_value_head_weights() -> None:
+    head = _head(64)
+    w = prepare_value_head_weights(head, torch.bfloat16)
+    assert [t.dtype for t in w] == [torch.bfloat16, torch.float32, torch.bfloat16] + [torch.float32] * 3
+    assert [tuple(t.shape) for t in w] == [(64, 64), (64,), (64, 64), (64,), (64,), (1,)]
+    assert all(t.is_contiguous() and not t.requires_grad for t in w)
+    assert torch.equal(prepare_value_head_weights(head.weights(), torch.float32)[0], head[0].weight.detach())
+    with pytest.raises(ValueError):
+        prepare_value_head_weights(head, torch.int8)
+
+
 # ---------------------------------------------------------------- C++ op
 
 CPP_SHAPES = [(1, 64), (7, 64), (64, 576), (257, 576), (1024, 64), (1, 4096), (7, 4096)]
