@@ -178,3 +178,16 @@ def test_tiny_llama_generates_in_vllm(tiny_dir, tmp_path):
     gen, chat = json.loads(line[len("RESULT ") :])
     assert len(gen) == 8 and len(chat) >= 1
     assert all(0 <= t < 512 for t in gen + chat)
+
+
+def test_data_dir_env_and_default(monkeypatch, tmp_path):
+    from value_steer.data_dir import data_dir
+
+    target = tmp_path / "custom" / "data"
+    monkeypatch.setenv("VALUE_STEER_DATA_DIR", str(target))
+    assert data_dir() == target.resolve() and target.is_dir()
+    assert models.default_smollm2_dir() == target.resolve() / "models" / models.SMOLLM2_NAME
+
+    monkeypatch.delenv("VALUE_STEER_DATA_DIR")
+    d = data_dir()
+    assert d.is_dir() and d.name in (".data", "value_steer")

@@ -14,6 +14,10 @@ topic land in that topic's split. So a (template, topic) pair is never in two sp
 never seen in training or calibration, and every split holds every template (the same template mix).
 The assignment depends only on the topic strings and :data:`SPLIT_SALT`, not on list order.
 
+Calibration: the 30 negative-leaning / 10 neutral template mix was chosen on *train* topics; measured once
+on the test split (SmolLM2-135M-Instruct, vLLM CPU, T=0.8, top_p=0.95, 96 tokens, 300 prompts x 1 sample,
+seed 0): 49.0% negative (147/300, 95% Wilson CI [43.4%, 54.6%]); negative templates 62.9%, neutral 10.1%.
+
 ``python -m value_steer.tasks.sentiment stats`` prints the split sizes;
 ``python -m value_steer.tasks.sentiment measure --model DIR`` measures a model's base negative rate.
 """
