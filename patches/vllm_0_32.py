@@ -247,6 +247,18 @@ except ImportError:  # pragma: no cover
     _LogitsProcessorBase = object  # type: ignore[assignment,misc]
 
 
+def vfd_unsupported_reason(sampling_params: Any) -> str | None:
+    """Why a request cannot be value-filtered (None if it can). One home for the validator and the runner."""
+    if getattr(sampling_params, "structured_outputs", None) is not None:
+        return "structured outputs"
+    lp = getattr(sampling_params, "logprobs", None)
+    if lp is not None and lp < 0:
+        return "logprobs=-1 (full vocabulary)"
+    if getattr(sampling_params, "logprob_token_ids", None):
+        return "logprob_token_ids"
+    return None
+
+
 class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-type]
     """Validates value_steer's ``extra_args`` in the API process, so a bad value is an HTTP 400.
 
@@ -260,9 +272,18 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
     def validate_params(cls, sampling_params: Any) -> None:
         cfg = _api_config()
         args = getattr(sampling_params, "extra_args", None)
+        known = cfg is not None
         if cfg is None:
             cfg = SteerConfig(mode=MODE_VFD, value_head_path=None, num_candidates=64)  # type-and-range checks only
-        parse_request_args(args, cfg, default_threshold=0.5)
+        steer = parse_request_args(args, cfg, default_threshold=0.5)
+        if known and steer.mode == MODE_VFD:
+            reason = vfd_unsupported_reason(sampling_params)
+            if reason is not None:
+                # Never emit an unfiltered token for a steered request: refuse instead (HTTP 400).
+                raise RequestArgError(
+                    f"value_steer: vfd cannot steer a request with {reason}; send value_steer=false to serve it "
+                    "unsteered"
+                )
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         pass

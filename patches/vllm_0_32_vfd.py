@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from value_steer.config import parse_additional_config
+from value_steer.patches.vllm_0_32 import vfd_unsupported_reason
 from value_steer.rows import MODE_VFD
 from value_steer.vfd import (
     Candidates,
@@ -233,14 +234,8 @@ class VFDRunnerMixin:
         if req_id in self._vfd_unsupported:
             return None
         sp = self.requests[req_id].sampling_params  # type: ignore[attr-defined]
-        reason = None
-        if getattr(sp, "structured_outputs", None) is not None:
-            reason = "structured outputs"
-        elif sp.logprobs is not None and sp.logprobs < 0:
-            reason = "logprobs=-1 (full vocabulary)"
-        elif getattr(sp, "logprob_token_ids", None):
-            reason = "logprob_token_ids"
-        if reason is not None:
+        reason = vfd_unsupported_reason(sp)
+        if reason is not None:  # only reachable without RequestArgsValidator (which answers 400)
             msg = f"vfd does not support {reason}; served unsteered"
             self._vfd_unsupported[req_id] = msg
             rs.stats.error = msg

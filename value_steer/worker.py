@@ -8,7 +8,9 @@ is known. Everything version-specific goes through the adapter for the installed
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import torch
@@ -30,6 +32,9 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
 
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         self.value_steer_config: SteerConfig = parse_additional_config(vllm_config.additional_config)
+        # In-process engines (offline LLM, VLLM_ENABLE_V1_MULTIPROCESSING=0) share this process with the
+        # request validator: give it the server config (the serve launcher does the same for the API process).
+        os.environ["VALUE_STEER_CONFIG"] = json.dumps(vllm_config.additional_config or {})
         _adapter.check_engine_config(vllm_config)
         super().__init__(vllm_config, *args, **kwargs)
 

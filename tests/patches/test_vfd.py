@@ -314,3 +314,14 @@ def test_sampling_params_are_honoured(llm):
     two = llm.generate(prompts[:1], _sp(12, extra_args={"threshold": 0.0, "num_candidates": 2}), use_tqdm=False)
     steps = _steps(_debug(llm), two[0].request_id)
     assert all(len(s["candidates"]) == 2 for s in steps)
+
+
+def test_unfilterable_requests_are_refused_not_served_unsteered(llm):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=r"vfd cannot steer a request with logprob_token_ids"):
+        llm.generate(["hello world"], _sp(max_tokens=4, logprob_token_ids=[5, 6]))
+    # Opting out serves it (unsteered) and the engine keeps serving steered requests.
+    out = llm.generate(["hello world"], _sp(max_tokens=4, logprob_token_ids=[5, 6], extra_args={"value_steer": False}))
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert len(llm.generate(["hello world"], _sp(max_tokens=4))[0].outputs[0].token_ids) == 4
