@@ -142,6 +142,46 @@ if HAS_TRITON:
             return tl.dot(a.to(w.dtype), w, acc)  # bf16/fp16 tensor cores, fp32 accumulation
 
     @triton.jit
+    def _linear_tile(
+        a_ptr,
+        stride_am,
+        stride_ak,
+        w_ptr,
+        b_ptr,
+        stride_wn,
+        stride_wk,
+        rm,
+        rn,
+        m_mask,
+        n_mask,
+        H,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        W_FP32: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        """``a[rm, :] @ W[rn, :]^T + b[rn]`` as a ``[BLOCK_M, BLOCK_N]`` fp32 tile (k in a fixed order)."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < H
+            a = tl.load(
+                a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak,
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            # [BLOCK_K, BLOCK_N] tile of W^T.
+            w = tl.load(
+                w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc = _mm_acc(a, w, acc, W_FP32, INTERPRET)
+        b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        return acc + b[None, :]
+
+    @triton.jit
     def _vh_layer1_kernel(
         x_ptr,
         w_ptr,
@@ -160,30 +200,31 @@ if HAS_TRITON:
         W_FP32: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = rm < M
         n_mask = rn < H
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < H
-            x = tl.load(
-                x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            # [BLOCK_K, BLOCK_N] tile of W^T.
-            w = tl.load(
-                w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            acc = _mm_acc(x, w, acc, W_FP32, INTERPRET)
-        b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        h = _tanh(acc + b[None, :])
+        z = _linear_tile(
+            x_ptr,
+            stride_xm,
+            stride_xk,
+            w_ptr,
+            b_ptr,
+            stride_wn,
+            stride_wk,
+            rm,
+            rn,
+            m_mask,
+            n_mask,
+            H,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            W_FP32,
+            INTERPRET,
+        )
+        h = _tanh(z)
         tl.store(
             h_ptr + rm[:, None].to(tl.int64) * stride_hm + rn[None, :],
             h,
@@ -210,30 +251,32 @@ if HAS_TRITON:
         W_FP32: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = rm < M
         n_mask = rn < H
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < H
-            h1 = tl.load(
-                h_ptr + rm[:, None].to(tl.int64) * stride_hm + rk[None, :],
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            acc = _mm_acc(h1, w, acc, W_FP32, INTERPRET)
-        b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = _linear_tile(
+            h_ptr,
+            stride_hm,
+            1,
+            w_ptr,
+            b_ptr,
+            stride_wn,
+            stride_wk,
+            rm,
+            rn,
+            m_mask,
+            n_mask,
+            H,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            W_FP32,
+            INTERPRET,
+        )
         w4 = tl.load(w4_ptr + rn * stride_w4, mask=n_mask, other=0.0).to(tl.float32)
-        h2 = tl.maximum(acc + b[None, :], 0.0)
+        h2 = tl.maximum(z, 0.0)
         part = tl.sum(h2 * w4[None, :], axis=1)
         tl.store(part_ptr + rm.to(tl.int64) * stride_pm + pid_n, part, mask=m_mask)
 
