@@ -29,24 +29,32 @@ def static_check() -> list[str]:
     return problems
 
 
+def write_constant_head(path: str | Path, hidden_size: int, logit: float, threshold: float | None = 0.5) -> str:
+    """Save a head whose value is ``sigmoid(logit)`` for every input (last layer zero, bias = logit)."""
+    import torch
+
+    from value_steer.checkpoint import save_value_head
+    from value_steer.value_head import ValueHead
+
+    head = ValueHead(hidden_size)
+    with torch.no_grad():
+        head[4].weight.zero_()
+        head[4].bias.fill_(logit)
+    save_value_head(str(path), head, threshold=threshold, meta={"planted": f"constant logit {logit}"})
+    return str(path)
+
+
 def behavioral_check(workdir: Path) -> list[str]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from vllm import LLM, SamplingParams
 
-    from value_steer.checkpoint import save_value_head
     from value_steer.models import make_tiny_llama
-    from value_steer.value_head import ValueHead
 
     model = make_tiny_llama(workdir / "tiny", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=2)
-    head = ValueHead(64)
-    with torch.no_grad():  # p = sigmoid(0) = 0.5 for every token
-        head[4].weight.zero_()
-        head[4].bias.zero_()
-    head_path = str(workdir / "head.safetensors")
-    save_value_head(head_path, head, threshold=0.6, meta={"planted": "constant 0.5"})
+    # p = sigmoid(0) = 0.5 for every token: threshold 0.4 crosses, 0.6 does not.
+    head_path = write_constant_head(workdir / "head.safetensors", 64, 0.0, threshold=0.6)
     llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0,
               worker_cls="value_steer.worker.ValueSteerWorker",
               additional_config={"abstain": {"value_head_path": head_path}},

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from value_steer.compat import write_constant_head
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
@@ -17,6 +19,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed")
 
 TINY_HIDDEN = 64
 
+__all__ = ["TINY_HIDDEN", "make_llm", "write_constant_head", "write_random_head"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -24,19 +28,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden_size=TINY_HIDDEN, num_heads=2,
                            num_kv_heads=1, num_layers=2, seed=0)
-
-
-def write_constant_head(path: Path, hidden_size: int, logit: float, threshold: float | None = 0.5) -> str:
-    """A head whose value is ``sigmoid(logit)`` for every input (last layer zero, bias = logit)."""
-    from value_steer.checkpoint import save_value_head
-    from value_steer.value_head import ValueHead
-
-    head = ValueHead(hidden_size)
-    with torch.no_grad():
-        head[4].weight.zero_()
-        head[4].bias.fill_(logit)
-    save_value_head(str(path), head, threshold=threshold, meta={"planted": f"constant logit {logit}"})
-    return str(path)
 
 
 def write_random_head(path: Path, hidden_size: int, seed: int = 0, threshold: float | None = 0.5) -> str:
