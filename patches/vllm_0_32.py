@@ -273,9 +273,7 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
         cfg = _api_config()
         args = getattr(sampling_params, "extra_args", None)
         known = cfg is not None
-        if cfg is None:
-            cfg = SteerConfig(mode=MODE_VFD, value_head_path=None, num_candidates=64)  # type-and-range checks only
-        steer = parse_request_args(args, cfg, default_threshold=0.5)
+        steer = parse_request_args(args, cfg if known else _TYPE_CHECK_ONLY, default_threshold=0.5)
         if known and steer.mode == MODE_VFD:
             reason = vfd_unsupported_reason(sampling_params)
             if reason is not None:
@@ -299,6 +297,8 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
 
 
 _API_CONFIG: tuple[str, SteerConfig | None] | None = None
+# Without the server config (VALUE_STEER_CONFIG unset), requests are checked for types and ranges only.
+_TYPE_CHECK_ONLY = SteerConfig(mode=MODE_VFD, value_head_path=None, num_candidates=64)
 
 
 def _api_config() -> SteerConfig | None:

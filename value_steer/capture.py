@@ -70,6 +70,11 @@ class CaptureWriter:
             if self._rows >= self.shard_rows:
                 self._flush_locked()
 
+    @property
+    def num_shards(self) -> int:
+        """Shards written to ``directory`` so far (including ones found there at start)."""
+        return self._next_shard
+
     def flush(self) -> None:
         with self._lock:
             self._flush_locked()

@@ -73,4 +73,4 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
         if cap is None:
             return 0
         cap.flush()
-        return cap._next_shard
+        return cap.num_shards
