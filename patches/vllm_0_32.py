@@ -36,6 +36,10 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.worker.cpu_worker", "CPUWorker.init_device", ("self",)),
     ("vllm.v1.worker.cpu_worker", "CPUModelRunner", ()),
     ("vllm.v1.worker.gpu_worker", "Worker._make_model_runner", ("self",)),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory", ("self",)),
+    ("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory", ("self",)),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.get_kv_cache_spec", ("self",)),
+    ("vllm.v1.kv_cache_interface", "AttentionSpec", ("page_size_bytes",)),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", ("self", "scheduler_output")),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens", ("self", "grammar_output")),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample", ("self", "logits", "spec_decode_metadata")),
@@ -47,7 +51,14 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.sched.output", "SchedulerOutput", ("finished_req_ids", "scheduled_new_reqs",
                                                        "num_scheduled_tokens")),
     ("vllm.sampling_params", "SamplingParams", ("extra_args", "ignore_eos", "min_tokens", "eos_token_id")),
+    # API process (vllm_0_32_server): --middleware functions, worker RPC from the engine client.
+    ("vllm.entrypoints.serve.middleware.register", "init_entrypoints_middleware", ("args", "app")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc", ("self", "method", "timeout", "args")),
 ]
+
+# What the serve launcher (value_steer.vllm_cli) adds to `vllm serve` when ValueSteerWorker runs.
+REQUEST_VALIDATOR = "value_steer.patches.vllm_0_32:RequestArgsValidator"
+HTTP_MIDDLEWARE = "value_steer.patches.vllm_0_32_server.value_steer_http"
 
 
 def _resolve(module: str, qualname: str) -> Any:
@@ -114,6 +125,8 @@ class SteeringRunnerMixin:
     _vs_engine: Any = None
     _vs_capture: Any = None
     _vs_step: dict[str, Any] | None = None
+    # Requests whose capture row a runner mixin writes itself this step (VFD: the winner, not the row).
+    _vs_capture_elsewhere: frozenset[str] = frozenset()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def _vs_sync_requests(self, scheduler_output: Any) -> None:
@@ -184,11 +197,15 @@ class SteeringRunnerMixin:
             eng.record(req_ids, rows.tolist(), vals, force, eos_forced=True)
         return out
 
-    def _vs_capture_rows(self, req_ids: list[str], is_decode: np.ndarray, positions: np.ndarray,
+    def _vs_capture_rows(self, req_ids: list[str], is_decode: np.ndarray | None, positions: Any,
                          hidden: torch.Tensor) -> None:
+        """Capture ``hidden[i]`` (the state after the token at ``positions[i]``) for capturing requests."""
         eng = self._vs_engine
+        skip = self._vs_capture_elsewhere
         keep = [
-            i for i, r in enumerate(req_ids) if is_decode[i] and r in eng.requests and eng.requests[r].steer.capture
+            i for i, r in enumerate(req_ids)
+            if (is_decode is None or is_decode[i]) and r not in skip and r in eng.requests
+            and eng.requests[r].steer.capture
         ]
         if keep:
             idx = torch.tensor(keep, dtype=torch.long, device=hidden.device)
@@ -231,6 +248,24 @@ def init_device_with_runner(worker: Any, super_init_device: Callable[[], None], 
     runner = worker.model_runner
     if not isinstance(runner, SteeringRunnerMixin):
         raise RuntimeError(f"value_steer: the worker built {type(runner).__qualname__}, not the steering runner")
+
+
+def kv_budget_for_scheduler(worker: Any, available: int) -> int:
+    """The KV bytes the scheduler may plan with: ``available`` less what the steering runner keeps
+    for itself (VFD's scratch blocks), so the total stays inside the configured KV budget."""
+    runner = worker.model_runner
+    scratch = int(runner.vfd_scratch_bytes()) if hasattr(runner, "vfd_scratch_bytes") else 0
+    if scratch and available - scratch <= 0:
+        mib = 1 << 20
+        raise RuntimeError(
+            f"value_steer VFD: the candidates' scratch KV needs {scratch / mib:.1f} MiB (vfd.num_candidates x "
+            f"--max-num-seqs blocks) but the whole KV budget is {available / mib:.1f} MiB; lower "
+            "vfd.num_candidates or --max-num-seqs, or raise VLLM_CPU_KVCACHE_SPACE / --gpu-memory-utilization"
+        )
+    if scratch:
+        logger.info("value_steer VFD: %.1f MiB of the %.1f MiB KV budget held back for candidate scratch blocks",
+                    scratch / (1 << 20), available / (1 << 20))
+    return available - scratch
 
 
 def model_hidden_size(vllm_config: Any) -> int:

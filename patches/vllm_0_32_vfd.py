@@ -168,6 +168,12 @@ class VFDRunnerMixin:
         self._vfd_states.clear()
         logger.info("value_steer VFD: K=%d, %d scratch KV blocks beyond the scheduler's %d", self._vfd_k, s, n)
 
+    def vfd_scratch_bytes(self) -> int:
+        """KV bytes of the scratch blocks; the worker takes them out of the scheduler's KV budget."""
+        specs = self.get_kv_cache_spec()  # type: ignore[attr-defined]
+        per_block = sum(int(spec.page_size_bytes) for spec in specs.values())
+        return scratch_blocks_needed(self._vfd_k, self._vfd_sched_max_seqs) * per_block
+
     def _vfd_check_kv(self, num_blocks: int) -> None:
         from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -691,6 +697,8 @@ class VFDRunnerMixin:
         outs = [self.requests[r].output_token_ids for r in req_ids]  # type: ignore[attr-defined]
         for o, tok in zip(outs, win_tok_l):
             o.append(int(tok))
+        # The batch rows hold candidate 0; capture records the winner below instead.
+        self._vs_capture_elsewhere = frozenset(req_ids)
         try:
             if any(self.requests[r].sampling_params.min_tokens for r in req_ids):  # type: ignore[attr-defined]
                 self._vfd_refresh_min_tokens()
@@ -698,8 +706,12 @@ class VFDRunnerMixin:
             raw2 = logits.index_select(0, rows_t).clone() if any(x is not None for x in want_lp) else None
             out = super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
         finally:
+            self._vs_capture_elsewhere = frozenset()
             for o in outs:
                 o.pop()
+        if self._vs_capture is not None:  # type: ignore[attr-defined]
+            # Decode-matched: the committed token's own hidden state, the one the head scored to pick it.
+            self._vs_capture_rows(req_ids, None, positions, win_hidden)  # type: ignore[attr-defined]
         first_next = out.sampled_token_ids.index_select(0, rows_t)[:, 0].long()
         next_toks, next_nval = draw_candidates(proc2, greedy2, kmax, first_next, self._vfd_generators(states))
         next_lp: list[Any] = [None] * n_rows

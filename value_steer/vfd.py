@@ -193,12 +193,6 @@ def mirror_slots(
 # --------------------------------------------------------------------------------------------------
 
 
-def _gumbel_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    tiny = torch.finfo(torch.float32).tiny
-    return -torch.log(-torch.log(u.clamp_(min=tiny, max=1.0 - 1e-7)))
-
-
 def draw_candidates(
     processed: torch.Tensor,
     greedy: torch.Tensor | Sequence[bool],
@@ -206,23 +200,30 @@ def draw_candidates(
     first: torch.Tensor | None = None,
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``k`` distinct candidates per row from processed logits.
+    """Draw ``k`` candidates per row from processed logits.
+
+    Random rows take ``k`` independent draws (with replacement) from ``softmax(processed)``. With VFD's
+    rule (the first safe candidate in draw order, else the safest) this is rejection sampling: the
+    committed token is a draw from the request's own distribution restricted to safe tokens whenever
+    one of the ``k`` draws is safe, so steering moves the distribution no more than it must. (Drawing
+    distinct candidates instead would force low-probability tokens into every step.) Greedy rows take
+    the top-``k`` distinct tokens in order, so greedy decoding is steerable.
 
     Args:
         processed: ``[R, V]`` the distribution the sampler draws from. Random rows hold processed
             logits after temperature, top-k/top-p and min-p. Greedy rows hold logits after the logits
             processors. ``-inf`` means "never drawn".
-        greedy: ``[R]`` bool; greedy rows take the top-``k`` tokens in order.
+        greedy: ``[R]`` bool.
         k: candidates per row (``>= 1``).
         first: optional ``[R]`` int, column 0 as already drawn by the engine's sampler (the natural
-            sample). The other columns are then drawn without replacement, conditioned on it. Without
-            ``first``, column 0 is the argmax (greedy) or the Gumbel-max sample, which is an exact
-            draw from ``softmax(processed)``.
-        generators: optional per-row generators for the Gumbel noise. Rows sharing one generator
+            sample). Random rows draw columns ``1..k-1`` independently of it; greedy rows take the
+            best ``k-1`` tokens other than it.
+        generators: optional per-row generators for the random draws. Rows sharing one generator
             draw together.
     Returns:
-        ``tokens [R, k] int64`` and ``num_valid [R] int64``. Columns ``>= num_valid`` fall outside the
-        distribution's support (fewer than ``k`` finite logits) and repeat column 0.
+        ``tokens [R, k] int64`` and ``num_valid [R] int64``. Random rows: ``num_valid = k``. Greedy
+        rows: columns ``>= num_valid`` fall outside the support (fewer than ``k`` finite logits) and
+        repeat column 0.
     """
     if processed.dim() != 2:
         raise ValueError(f"processed must be [R, V], got {list(processed.shape)}")
@@ -234,36 +235,47 @@ def draw_candidates(
         raise ValueError(f"greedy must have {r} entries, got {greedy_t.shape[0]}")
     if generators is not None and len(generators) != r:
         raise ValueError(f"generators must have {r} entries, got {len(generators)}")
-    scores = x.clone()
-    random_rows = (~greedy_t).nonzero().flatten().tolist()
-    if random_rows:
-        groups: dict[int, tuple[torch.Generator | None, list[int]]] = {}
-        for i in random_rows:
-            g = generators[i] if generators is not None else None
-            groups.setdefault(id(g), (g, []))[1].append(i)
-        for g, rows in groups.values():
-            idx = torch.tensor(rows, dtype=torch.long, device=x.device)
-            scores[idx] += _gumbel_like(scores[idx], g)
-    finite = torch.isfinite(x).sum(dim=-1)
     if first is not None:
         first = first.to(device=x.device, dtype=torch.long).reshape(-1)
         if first.shape[0] != r:
             raise ValueError(f"first must have {r} entries, got {first.shape[0]}")
+
+    # Greedy rows (and the layout every row starts from): top-k distinct, column 0 = first if given.
+    finite = torch.isfinite(x).sum(dim=-1)
+    if first is not None:
         rest = min(k - 1, v - 1)
-        scores.scatter_(1, first.unsqueeze(1), float("-inf"))
+        scores = x.scatter(1, first.unsqueeze(1), float("-inf"))
         others = torch.topk(scores, rest, dim=-1).indices if rest > 0 else first.new_empty((r, 0))
         tokens = torch.cat([first.unsqueeze(1), others], dim=1)
         first_finite = torch.isfinite(x.gather(1, first.unsqueeze(1))).squeeze(1)
         num_valid = 1 + (finite - first_finite.long()).clamp(min=0).clamp(max=rest)
     else:
         n = min(k, v)
-        tokens = torch.topk(scores, n, dim=-1).indices
+        tokens = torch.topk(x, n, dim=-1).indices
         num_valid = finite.clamp(min=1, max=n)
     if tokens.shape[1] < k:
         tokens = torch.cat([tokens, tokens[:, :1].expand(r, k - tokens.shape[1])], dim=1)
     cols = torch.arange(k, device=x.device).unsqueeze(0)
-    tokens = torch.where(cols < num_valid.unsqueeze(1), tokens, tokens[:, :1])
-    return tokens.long(), num_valid.long()
+    tokens = torch.where(cols < num_valid.unsqueeze(1), tokens, tokens[:, :1]).long()
+    num_valid = num_valid.long()
+
+    random_rows = (~greedy_t).nonzero().flatten().tolist()
+    if random_rows:
+        groups: dict[int, tuple[torch.Generator | None, list[int]]] = {}
+        for i in random_rows:
+            g = generators[i] if generators is not None else None
+            groups.setdefault(id(g), (g, []))[1].append(i)
+        start = 0 if first is None else 1
+        for g, rows in groups.values():
+            idx = torch.tensor(rows, dtype=torch.long, device=x.device)
+            if k > start:
+                probs = torch.softmax(x.index_select(0, idx), dim=-1)
+                draws = torch.multinomial(probs, k - start, replacement=True, generator=g)
+                tokens[idx, start:] = draws
+            if first is not None:
+                tokens[idx, 0] = first.index_select(0, idx)
+            num_valid[idx] = k
+    return tokens, num_valid
 
 
 @dataclass

@@ -30,7 +30,6 @@ def patch_vllm_version() -> None:
     md.version = version  # type: ignore[assignment]
 
 
-VALIDATOR = "value_steer.patches.vllm_0_32:RequestArgsValidator"
 WORKER = "value_steer.worker.ValueSteerWorker"
 
 
@@ -46,12 +45,13 @@ def _arg_value(argv: list[str], flag: str) -> str | None:
 def prepare_argv(argv: list[str]) -> list[str]:
     """With value_steer's worker: validate ``--additional-config`` now (a bad config fails before any
     engine starts, naming the field), hand it to the API process's request validator through
-    ``VALUE_STEER_CONFIG``, and add the validator to ``--logits-processors`` so bad per-request
-    ``vllm_xargs`` are HTTP 400s."""
+    ``VALUE_STEER_CONFIG``, add the validator to ``--logits-processors`` so bad per-request
+    ``vllm_xargs`` are HTTP 400s, and add the adapter's HTTP middleware (per-request stats, ``/metrics``)."""
     import json
     import os
 
     from value_steer.config import ConfigError, parse_additional_config
+    from value_steer.patches import get_adapter
 
     if _arg_value(argv, "--worker-cls") != WORKER:
         return argv
@@ -65,8 +65,12 @@ def prepare_argv(argv: list[str]) -> list[str]:
     except ConfigError as exc:
         raise SystemExit(f"value_steer: invalid --additional-config: {exc}") from None
     os.environ["VALUE_STEER_CONFIG"] = json.dumps(parsed)
-    if VALIDATOR not in " ".join(argv):
-        argv = [*argv, "--logits-processors", VALIDATOR]
+    adapter = get_adapter()
+    joined = " ".join(argv)
+    if adapter.REQUEST_VALIDATOR not in joined:
+        argv = [*argv, "--logits-processors", adapter.REQUEST_VALIDATOR]
+    if adapter.HTTP_MIDDLEWARE not in joined:
+        argv = [*argv, "--middleware", adapter.HTTP_MIDDLEWARE]
     return argv
 
 

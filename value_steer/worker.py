@@ -59,6 +59,9 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             "on" if cfg.enabled_by_default else "off", cfg.capture.dir if cfg.capture else "off",
         )
 
+    def determine_available_memory(self) -> int:
+        return _adapter.kv_budget_for_scheduler(self, super().determine_available_memory())
+
     # ---- RPC surface (collective_rpc from the API process / offline LLM) ------------------------------
     def value_steer_stats(self, request_id: str | None = None) -> dict[str, Any]:
         """Per-request stats (``request_id``) or the process-wide counters."""

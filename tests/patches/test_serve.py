@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.patches.conftest import TINY_HIDDEN, write_constant_head
+from tests.patches.conftest import TINY_HIDDEN, write_constant_head, write_random_head
 
 requests = pytest.importorskip("requests")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -36,14 +36,11 @@ def _env() -> dict:
             "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    head = write_constant_head(tmp_path_factory.mktemp("head") / "head.safetensors", TINY_HIDDEN, 0.0, 0.6)
+def _start(model, config: dict, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("log") / "serve.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(_serve_cmd(tiny_model_dir, {"abstain": {"value_head_path": head}}, port),
-                                env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_serve_cmd(model, config, port), env=_env(), stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -58,12 +55,32 @@ def server(tiny_model_dir, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail(f"server did not become healthy:\n{log.read_text()[-4000:]}")
-    yield url
+    return proc, url
+
+
+def _stop(proc) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    head = write_constant_head(tmp_path_factory.mktemp("head") / "head.safetensors", TINY_HIDDEN, 0.0, 0.6)
+    proc, url = _start(tiny_model_dir, {"abstain": {"value_head_path": head}}, tmp_path_factory)
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def vfd_server(tiny_model_dir, tmp_path_factory):
+    """VFD K=4 over a random head (values vary with the hidden state), sidecar threshold 0.5."""
+    head = write_random_head(tmp_path_factory.mktemp("head") / "head.safetensors", TINY_HIDDEN, seed=0)
+    proc, url = _start(tiny_model_dir, {"vfd": {"value_head_path": head, "num_candidates": 4}}, tmp_path_factory)
+    yield url
+    _stop(proc)
 
 
 def _complete(url, **body):
@@ -114,3 +131,85 @@ def test_head_hidden_size_mismatch_fails_at_startup(tiny_model_dir, tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "hidden size" in out and "128" in out and "64" in out, out[-3000:]
+
+
+def _request_stats(url, response_id):
+    return requests.get(f"{url}/v1/value_steer/requests/{response_id}", timeout=30)
+
+
+def test_request_stats_route(server):
+    fired = _complete(server, vllm_xargs={"threshold": 0.4})
+    assert fired.status_code == 200, fired.text
+    r = _request_stats(server, fired.json()["id"])
+    assert r.status_code == 200, r.text
+    stats = r.json()["stats"]
+    assert stats["mode"] == "abstain" and stats["forced_eos"] is True
+    assert stats["num_interventions"] == 1 and stats["num_scored"] == 1
+    assert stats["threshold"] == pytest.approx(0.4) and stats["last_value"] == pytest.approx(0.5)
+
+    quiet = _complete(server, vllm_xargs={"value_steer": False})
+    off = _request_stats(server, quiet.json()["id"]).json()["stats"]
+    assert off["mode"] == "off" and off["num_scored"] == 0
+
+    missing = _request_stats(server, "cmpl-does-not-exist")
+    assert missing.status_code == 404 and "unknown request id" in missing.json()["error"]["message"]
+    assert requests.get(server + "/v1/value_steer/nope", timeout=10).status_code == 404
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_export_worker_counters(server):
+    before = _metric(requests.get(server + "/metrics", timeout=30).text, "value_steer_forced_eos_total")
+    assert _complete(server, vllm_xargs={"threshold": 0.4}).status_code == 200
+    text = requests.get(server + "/metrics", timeout=30).text
+    assert _metric(text, "value_steer_forced_eos_total") == before + 1
+    counters = requests.get(server + "/v1/value_steer/stats", timeout=30).json()["counters"]
+    for key in ("requests_steered", "tokens_scored", "interventions", "forced_eos"):
+        assert _metric(text, f"value_steer_{key}_total") == counters[key]
+    assert _metric(text, 'value_steer_requests_by_mode_total{mode="abstain"}') == counters["by_mode"]["abstain"]
+    assert _metric(text, "value_steer_stats_rpc_errors_total") == 0
+    assert "vllm:num_requests_running" in text  # vLLM's own metrics are still served
+
+
+def test_vfd_serve_quiet_threshold_is_base_and_stats_count_tokens(vfd_server):
+    # Values lie strictly inside (0, 1): threshold 1.0 makes every candidate safe.
+    base = _complete(vfd_server, max_tokens=12, vllm_xargs={"value_steer": False})
+    steered = _complete(vfd_server, max_tokens=12, vllm_xargs={"threshold": 1.0})
+    assert base.status_code == 200 and steered.status_code == 200, steered.text
+    assert steered.json()["choices"][0]["text"] == base.json()["choices"][0]["text"]
+    stats = _request_stats(vfd_server, steered.json()["id"]).json()["stats"]
+    assert stats["mode"] == "vfd" and stats["num_candidates"] == 4
+    assert stats["num_scored"] == steered.json()["usage"]["completion_tokens"]
+    assert stats["num_interventions"] == 0
+
+
+def test_vfd_serve_chat_with_xargs_intervenes(vfd_server):
+    # Threshold 0: nothing is safe, the safest of the top-2 wins; it differs from the natural sample
+    # (the argmax) at some steps, and each such step is an intervention.
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+            "temperature": 0.0}
+    r = requests.post(vfd_server + "/v1/chat/completions", timeout=60,
+                      json={**body, "vllm_xargs": {"threshold": 0.0, "num_candidates": 2}})
+    base = requests.post(vfd_server + "/v1/chat/completions", timeout=60,
+                         json={**body, "vllm_xargs": {"value_steer": False}})
+    assert r.status_code == 200 and base.status_code == 200, r.text
+    stats = _request_stats(vfd_server, r.json()["id"]).json()["stats"]
+    assert stats["num_candidates"] == 2 and stats["threshold"] == 0.0
+    assert stats["num_scored"] == r.json()["usage"]["completion_tokens"]
+    assert 0 < stats["num_interventions"] <= stats["num_scored"]
+    assert r.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
+
+
+def test_vfd_serve_refuses_what_it_cannot_filter(vfd_server):
+    r = requests.post(vfd_server + "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "response_format": {"type": "json_object"}}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "structured outputs" in r.json()["error"]["message"]
+    r = _complete(vfd_server, vllm_xargs={"num_candidates": 5})
+    assert r.status_code == 400 and "num_candidates" in r.json()["error"]["message"]

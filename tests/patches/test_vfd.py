@@ -40,14 +40,25 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir, tmp_path_factory):
-    head = write_random_head(tmp_path_factory.mktemp("head") / "head.safetensors", TINY_HIDDEN, seed=0)
+def head_path(tmp_path_factory):
+    return write_random_head(tmp_path_factory.mktemp("head") / "head.safetensors", TINY_HIDDEN, seed=0)
+
+
+@pytest.fixture(scope="module")
+def capture_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("capture")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir, head_path, capture_dir):
+    head = head_path
     old = os.environ.get("VALUE_STEER_DEBUG")
     os.environ["VALUE_STEER_DEBUG"] = "1"
     try:
         engine = make_llm(
             model_dir,
-            {"vfd": {"value_head_path": head, "num_candidates": K, "threshold": 0.5}},
+            {"vfd": {"value_head_path": head, "num_candidates": K, "threshold": 0.5},
+             "capture": {"dir": str(capture_dir)}},
             block_size=BLOCK,
             max_num_batched_tokens=64,
             enable_prefix_caching=True,
@@ -199,7 +210,7 @@ def test_random_candidates_follow_processed_distribution(llm):
     )[0]
     for j, s in enumerate(steps):
         top6 = {t for t, lp in ref.prompt_logprobs[len(ids) + j].items() if lp.rank <= 6}
-        assert len(set(s["candidates"])) == K
+        assert len(s["candidates"]) == K  # independent draws: repeats are allowed
         assert set(s["candidates"]) <= top6  # top_k=6 masks the rest of the vocabulary
     again = llm.generate([prompt], rand, use_tqdm=False)[0]
     assert again.outputs[0].token_ids == out.outputs[0].token_ids  # seeded requests are reproducible
@@ -325,3 +336,54 @@ def test_unfilterable_requests_are_refused_not_served_unsteered(llm):
     out = llm.generate(["hello world"], _sp(max_tokens=4, logprob_token_ids=[5, 6], extra_args={"value_steer": False}))
     assert len(out[0].outputs[0].token_ids) == 4
     assert len(llm.generate(["hello world"], _sp(max_tokens=4))[0].outputs[0].token_ids) == 4
+
+
+def test_scratch_kv_is_taken_out_of_the_scheduler_budget(llm):
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from value_steer.vfd import scratch_blocks_needed
+
+    def probe(w):
+        runner = w.model_runner
+        # Bytes one block id occupies across all layers, read off the allocated KV tensors.
+        per_block = sum(kv[0].numel() * kv.element_size() for kv in runner.kv_caches)
+        return CPUWorker.determine_available_memory(w), w.determine_available_memory(), per_block, \
+            runner._vfd_sched_max_seqs
+
+    budget, planned, per_block, max_seqs = llm.collective_rpc(probe)[0]
+    assert budget - planned == scratch_blocks_needed(K, max_seqs) * per_block
+    assert planned > 0
+
+
+def test_capture_records_the_winners_hidden_state(llm, head_path, capture_dir):
+    """Decode-matched capture in VFD mode: one row per committed token, the winner's own hidden state."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from value_steer.checkpoint import load_value_head
+
+    prompt = "a b c d e"
+    n = 16
+    out = llm.generate([prompt], _sp(n, extra_args={"threshold": 0.0, "value_steer_capture": True}),
+                       use_tqdm=False)[0]
+    assert llm.collective_rpc("value_steer_flush_capture")[0] >= 1
+    index = [json.loads(line) for line in (capture_dir / "requests.jsonl").read_text().splitlines()]
+    seq = [r["seq_id"] for r in index if r["request_id"].startswith(out.request_id + "-")]
+    assert len(seq) == 1, index
+    shards = [load_file(str(f)) for f in sorted(capture_dir.glob("shard-*.safetensors"))]
+    hidden = torch.cat([t["hidden"] for t in shards])
+    sel = torch.cat([t["seq_id"] for t in shards]) == seq[0]
+    pos = torch.cat([t["position"] for t in shards])[sel]
+    order = torch.argsort(pos)
+    prompt_len = len(_prompt_ids(llm, prompt))
+    assert pos[order].tolist() == list(range(prompt_len, prompt_len + n))
+
+    steps = _steps(_debug(llm), out.request_id)
+    assert len(steps) == n and any(s["winner_col"] != 0 for s in steps)
+    head = load_value_head(head_path, hidden_size=TINY_HIDDEN).head.eval()
+    with torch.no_grad():
+        vals = head.p(hidden[sel][order].float()).tolist()
+    for s, v in zip(steps, vals):
+        assert v == pytest.approx(s["values"][s["winner_col"]], abs=1e-5)

@@ -1,0 +1,81 @@
+"""``value-steer``: argument handling, and ``serve`` (what ``make serve`` runs) answering with the
+committed head on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from value_steer.checkpoint import load_value_head
+from value_steer.cli import build_parser, default_head_path, serve_argv
+
+
+def test_committed_head_is_valid_and_calibrated():
+    ckpt = load_value_head(default_head_path(), hidden_size=576)
+    assert ckpt.threshold is not None and 0.0 < ckpt.threshold < 1.0
+    assert ckpt.calibration is not None and ckpt.calibration["method"] == "split_conformal"
+    assert "python -m value_steer.pipeline" in ckpt.meta["command"]
+
+
+def test_serve_argv_puts_the_section_in_additional_config():
+    argv = serve_argv("/m", "/h.safetensors", "vfd", 4, "127.0.0.1", 8000, 0.6, ["--max-num-seqs", "8"])
+    i = argv.index("--additional-config")
+    assert argv[i + 1] == '{"vfd": {"value_head_path": "/h.safetensors", "num_candidates": 4, "threshold": 0.6}}'
+    assert argv[argv.index("--worker-cls") + 1] == "value_steer.worker.ValueSteerWorker"
+    assert argv[-2:] == ["--max-num-seqs", "8"]
+
+
+@pytest.mark.parametrize("argv", [["capture", "--split", "dev", "--n", "3", "--out", "x"],
+                                  ["serve", "--mode", "both"]])
+def test_bad_arguments_name_the_allowed_values(argv, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_serve_answers_with_the_committed_head(tmp_path):
+    requests = pytest.importorskip("requests")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "value_steer.cli", "serve", "--port", str(port),
+                                 "--max-num-seqs", "4", "--max-model-len", "512"],
+                                env=env, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("value-steer serve did not become healthy:\n" + log.read_text()[-4000:])
+        model = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        r = requests.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": model, "max_tokens": 8, "temperature": 0.8, "seed": 1,
+            "messages": [{"role": "user", "content": "Write a short review of a crowded airport."}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"]
+        stats = requests.get(f"{url}/v1/value_steer/requests/{r.json()['id']}", timeout=30).json()["stats"]
+        assert stats["mode"] == "vfd" and stats["num_candidates"] == 4
+        assert stats["num_scored"] == r.json()["usage"]["completion_tokens"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
