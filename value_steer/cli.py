@@ -37,6 +37,18 @@ def default_head_path() -> Path:
     return Path(str(resources.files("value_steer") / "data" / "heads" / DEFAULT_HEAD))
 
 
+def vfd_operating_threshold(head: str) -> float | None:
+    """The VFD threshold recorded in the head's sidecar by ``value-steer calibrate --from-eval`` (else None:
+    the sidecar's conformal threshold applies)."""
+    from value_steer.checkpoint import load_value_head
+
+    point = load_value_head(head).meta.get("vfd_operating_point")
+    if not point:
+        return None
+    print(f"value-steer serve: VFD threshold {point['threshold']:g} ({point['source']})", flush=True)
+    return float(point["threshold"])
+
+
 def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str, port: int,
                threshold: float | None, extra: list[str]) -> list[str]:
     section: dict = {"value_head_path": head}
@@ -64,7 +76,10 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     head = args.head or str(default_head_path())
     if not os.path.isfile(head):
         raise SystemExit(f"value-steer serve: value head not found: {head}")
-    argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, args.threshold, extra)
+    threshold = args.threshold
+    if threshold is None and args.mode == "vfd":
+        threshold = vfd_operating_threshold(head)
+    argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, threshold, extra)
     env = {**CPU_SERVE_ENV, **os.environ}
     print("value-steer serve: python -m value_steer.vllm_cli " + " ".join(argv), flush=True)
     os.execvpe(sys.executable, [sys.executable, "-m", "value_steer.vllm_cli", *argv], env)
@@ -98,9 +113,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, extra: list[str]) -> int:
-    from value_steer.pipeline import calibrate
+    from value_steer.pipeline import calibrate, record_operating_point
 
-    calibrate(args.head, Path(args.data), tau=args.tau)
+    if (args.data is None) == (args.from_eval is None):
+        raise SystemExit("value-steer calibrate: give exactly one of --data (conformal threshold) or --from-eval")
+    if args.data is not None:
+        calibrate(args.head, Path(args.data), tau=args.tau)
+    else:
+        record_operating_point(args.head, args.from_eval)
     return 0
 
 
@@ -124,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head", default=None, help="value head checkpoint (default: the committed SmolLM2 head)")
     s.add_argument("--mode", choices=["vfd", "abstain"], default="vfd")
     s.add_argument("--num-candidates", type=int, default=4)
-    s.add_argument("--threshold", type=float, default=None, help="default: the head sidecar's")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="default: vfd: the sidecar's recorded VFD operating point, else its conformal threshold")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
@@ -147,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("calibrate", help="conformal threshold into the head's sidecar")
     k.add_argument("--head", required=True)
-    k.add_argument("--data", required=True, help="labelled calibration capture directory")
+    k.add_argument("--data", default=None, help="labelled calibration capture directory")
+    k.add_argument("--from-eval", default=None,
+                   help="a value-steer eval .json: record its chosen VFD threshold as the serve default")
     k.add_argument("--tau", type=float, default=0.1, help="tolerated false-alarm rate on safe responses")
     k.set_defaults(func=cmd_calibrate)
 

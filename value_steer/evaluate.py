@@ -392,10 +392,24 @@ def _table(conds: list[dict[str, Any]], chosen: dict[str, float]) -> list[str]:
     return lines
 
 
+def within_budget(results: dict[str, Any]) -> dict[str, bool]:
+    """Per K: whether the chosen threshold met the perplexity budget on calibration (else it is the
+    lowest-perplexity fallback of :func:`choose_threshold`)."""
+    cal = [c for c in results["conditions"] if c["split"] == "calibration"]
+    base = next(c for c in cal if c["mode"] == "base")["metrics"]["perplexity"]["value"]
+    limit = base * (1.0 + results["plan"]["max_ppl_increase"])
+    out = {}
+    for k, t in results["chosen_thresholds"].items():
+        m = next(c for c in cal if c["mode"] == "vfd" and str(c["k"]) == k and c["threshold"] == t)["metrics"]
+        out[k] = bool(m["perplexity"]["value"] <= limit)
+    return out
+
+
 def summary(results: dict[str, Any]) -> dict[str, Any]:
     """The headline: per K, the chosen threshold's relative cut and perplexity change on test."""
     test = [c for c in results["conditions"] if c["split"] == "test"]
     base = next(c for c in test if c["mode"] == "base")["metrics"]
+    budget = within_budget(results)
     out = {}
     for k, t in results["chosen_thresholds"].items():
         m = next(c for c in test if c["mode"] == "vfd" and str(c["k"]) == k and c["threshold"] == t)["metrics"]
@@ -404,7 +418,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         cut = (b - v) / b if b > 0 else float("nan")
         ppl_inc = pv / pb - 1.0
         out[k] = {"threshold": t, "base_undesirable": b, "undesirable": v, "relative_cut": cut,
-                  "perplexity_increase": ppl_inc, "meets_target": bool(cut >= 0.5 and ppl_inc <= 0.10)}
+                  "perplexity_increase": ppl_inc, "meets_target": bool(cut >= 0.5 and ppl_inc <= 0.10),
+                  "within_budget_on_calibration": budget[k]}
     return out
 
 
@@ -428,8 +443,11 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
           f"- Head: `{os.path.basename(results['head'])}`; sidecar (conformal) threshold "
           f"{results['head_threshold']:.4f}, used for abstention.",
           f"- Threshold per K chosen on the calibration split only: lowest undesirable rate with perplexity at "
-          f"most {100 * plan['max_ppl_increase']:.0f}% above base. Chosen: "
-          + ", ".join(f"K={k}: {t:g}" for k, t in chosen.items()) + ".",
+          f"most {100 * plan['max_ppl_increase']:.0f}% above base; when no threshold meets that budget, the "
+          "lowest-perplexity one. Chosen: "
+          + ", ".join(f"K={k}: {t:g}" + ("" if head[k]["within_budget_on_calibration"] else
+                                         " (no threshold met the budget on calibration)")
+                      for k, t in chosen.items()) + ".",
           "- Intervals are 95%: Wilson for rates, bootstrap over prompts for perplexity and intervention rate, "
           "jackknife for distinct-2, normal for length. tok/s is one batched measurement (64 concurrent requests, "
           "2 CPU cores).\n",
@@ -534,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", type=int, nargs="+", default=None)
     ap.add_argument("--thresholds", type=float, nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--render-only", default=None, metavar="JSON",
+                    help="re-render the report of a finished run from its .json (no generation)")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("n_cal", args.n_cal), ("n_test", args.n_test), ("max_tokens", args.max_tokens),
@@ -546,14 +566,21 @@ def main(argv: list[str] | None = None) -> int:
         plan = EvalPlan(**{**asdict(plan), **overrides})
     except ValueError as exc:
         ap.error(str(exc))
-    model = args.model or str(prepare_smollm2())
-    head = args.head or str(default_head_path())
-    if not os.path.isfile(head):
-        ap.error(f"--head: value head not found: {head}")
-    results = run(plan, model, head, log=lambda s: print(s, flush=True))
     command = "value-steer eval" + ("" if argv is None and len(sys.argv) < 2 else " " + " ".join(
         argv if argv is not None else sys.argv[1:]))
-    text = write_report(results, Path(args.out), command.strip())
+    if args.render_only is not None:
+        # Re-render a finished run's report from its JSON (same numbers; no generation).
+        with open(args.render_only, encoding="utf-8") as f:
+            results = json.load(f)
+        command = results.get("command", command)
+    else:
+        model = args.model or str(prepare_smollm2())
+        head = args.head or str(default_head_path())
+        if not os.path.isfile(head):
+            ap.error(f"--head: value head not found: {head}")
+        results = run(plan, model, head, log=lambda s: print(s, flush=True))
+        results["command"] = command.strip()
+    text = write_report(results, Path(args.out), results["command"])
     print(text)
     return 0
 

@@ -126,6 +126,27 @@ def calibrate(head_path: str, cal_dir: Path, *, tau: float) -> dict[str, Any]:
     return record
 
 
+def record_operating_point(head_path: str, eval_json: str) -> dict[str, Any]:
+    """Store the VFD threshold ``value-steer eval`` chose on the calibration split (for its first K) in the
+    head's sidecar as ``meta.vfd_operating_point``; ``value-steer serve`` uses it for VFD by default."""
+    from value_steer.checkpoint import load_value_head, save_value_head
+
+    with open(eval_json, encoding="utf-8") as f:
+        results = json.load(f)
+    try:
+        k = int(results["plan"]["ks"][0])
+        threshold = float(results["chosen_thresholds"][str(k)])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ValueError(f"{eval_json}: not a value-steer eval result (no plan.ks / chosen_thresholds)") from exc
+    point = {"num_candidates": k, "threshold": threshold,
+             "source": f"value-steer eval, chosen on the calibration split ({os.path.basename(eval_json)})"}
+    ckpt = load_value_head(head_path)
+    save_value_head(head_path, ckpt.head, threshold=ckpt.threshold, feature_spec=ckpt.feature_spec,
+                    meta={**ckpt.meta, "vfd_operating_point": point}, calibration=ckpt.calibration)
+    print(f"recorded VFD operating point K={k}, threshold {threshold:g} in {head_path}.meta.json", flush=True)
+    return point
+
+
 def main(argv: list[str] | None = None) -> int:
     from value_steer.cli import default_head_path
     from value_steer.data_dir import data_dir

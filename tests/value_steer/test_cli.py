@@ -30,6 +30,32 @@ def test_serve_argv_puts_the_section_in_additional_config():
     assert argv[-2:] == ["--max-num-seqs", "8"]
 
 
+def test_operating_point_from_eval_is_the_serve_default(tmp_path):
+    import json
+
+    import torch
+
+    from value_steer.checkpoint import save_value_head
+    from value_steer.cli import vfd_operating_threshold
+    from value_steer.pipeline import record_operating_point
+    from value_steer.value_head import ValueHead
+
+    torch.manual_seed(0)
+    head = str(tmp_path / "h.safetensors")
+    save_value_head(head, ValueHead(8), threshold=0.8, meta={"command": "x"})
+    assert vfd_operating_threshold(head) is None
+    results = tmp_path / "evaluation.json"
+    results.write_text(json.dumps({"plan": {"ks": [4, 8]}, "chosen_thresholds": {"4": 0.65, "8": 0.7}}))
+    point = record_operating_point(head, str(results))
+    assert point["num_candidates"] == 4 and point["threshold"] == 0.65
+    assert vfd_operating_threshold(head) == 0.65
+    ckpt = load_value_head(head)
+    assert ckpt.threshold == pytest.approx(0.8) and ckpt.meta["command"] == "x"  # the rest is kept
+    results.write_text("{}")
+    with pytest.raises(ValueError, match="not a value-steer eval result"):
+        record_operating_point(head, str(results))
+
+
 @pytest.mark.parametrize("argv", [["capture", "--split", "dev", "--n", "3", "--out", "x"],
                                   ["serve", "--mode", "both"]])
 def test_bad_arguments_name_the_allowed_values(argv, capsys):

@@ -100,6 +100,16 @@ def test_report_from_synthetic_results(tmp_path):
     assert "| 4 | 0.5 | 0.500 | 0.200 | 60.0% | +5.1% | yes |" in md
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["summary"]["4"]["relative_cut"] == pytest.approx(0.6)
+    assert saved["summary"]["4"]["within_budget_on_calibration"] is True
+
+    # --render-only rebuilds the same report from the JSON.
+    from value_steer.evaluate import main
+
+    saved["command"] = "value-steer eval --x"
+    (tmp_path / "saved.json").write_text(json.dumps(saved))
+    assert main(["--render-only", str(tmp_path / "saved.json"), "--out", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == md.replace("report-", "again-").replace("report.json",
+                                                                                            "again.json")
 
 
 @pytest.mark.vllm
