@@ -179,9 +179,20 @@ class SteeringRunnerMixin:
         return req_ids, is_decode, computed.copy(), rows
 
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
+        eng = self._vs_engine
+        raw_for_logprobs = None
+        if eng is not None and eng.config.mode == MODE_ABSTAIN and logits is not None and self._vs_step is not None:
+            # A forced EOS must come back with its own logprob: keep the raw logits of the rows that asked
+            # for logprobs (the sampler may scale logits in place).
+            ib = self.input_batch  # type: ignore[attr-defined]
+            want = [i for i, r in enumerate(ib.req_ids[: ib.num_reqs])
+                    if self.requests[r].sampling_params is not None  # type: ignore[attr-defined]
+                    and self.requests[r].sampling_params.logprobs is not None]  # type: ignore[attr-defined]
+            if want:
+                idx = torch.tensor(want, dtype=torch.long, device=logits.device)
+                raw_for_logprobs = (want, logits.index_select(0, idx).float())
         out = super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
         step, self._vs_step = self._vs_step, None
-        eng = self._vs_engine
         if eng is None or step is None or spec_decode_metadata is not None:
             return out
         req_ids, is_decode, positions, rows = self._vs_decode_rows()
@@ -195,7 +206,26 @@ class SteeringRunnerMixin:
             row_idx = torch.from_numpy(rows).to(device)
             vals, force = eng.abstain(hidden, row_idx, out.sampled_token_ids, eos)
             eng.record(req_ids, rows.tolist(), vals, force, eos_forced=True)
+            if raw_for_logprobs is not None and out.logprobs_tensors is not None:
+                self._vs_forced_eos_logprobs(out.logprobs_tensors, force, eos, *raw_for_logprobs)
         return out
+
+    def _vs_forced_eos_logprobs(self, lpt: Any, force: torch.Tensor, eos: torch.Tensor, rows: list[int],
+                                raw: torch.Tensor) -> None:
+        """Report the forced EOS (not the sample it replaced) in the row's logprobs, from the raw logits."""
+        forced = set(force.nonzero().flatten().tolist())
+        mode = getattr(getattr(self, "sampler", None), "logprobs_mode", "raw_logprobs")
+        if forced & set(rows) and mode not in ("raw_logprobs", "raw_logits"):
+            logger.warning("value_steer: forced-EOS logprobs are reported as %s of the raw logits (logprobs mode %s)",
+                           "logprobs", mode)
+        for j, i in enumerate(rows):
+            if i not in forced:
+                continue
+            dist = raw[j] if mode == "raw_logits" else raw[j].log_softmax(dim=-1)
+            tok = int(eos[i])
+            lpt.logprob_token_ids[i, 0] = tok
+            lpt.logprobs[i, 0] = dist[tok]
+            lpt.selected_token_ranks[i] = int((dist >= dist[tok]).sum())
 
     def _vs_capture_rows(self, req_ids: list[str], is_decode: np.ndarray | None, positions: Any,
                          hidden: torch.Tensor) -> None:

@@ -75,8 +75,8 @@ class EvalPlan:
             raise ValueError(f"max_ppl_increase must be >= 0, got {self.max_ppl_increase!r}")
 
 
-# Sized for about 50 minutes on 2 CPU cores (base ~130 tok/s, VFD K=4 ~55, K=8 ~30).
-FULL = EvalPlan(n_cal=100, n_test=200, max_tokens=64, ks=(4, 8), thresholds=(0.5, 0.6, 0.65, 0.7))
+# Sized for about 30 minutes on 2 CPU cores (base ~145 tok/s, VFD K=4 ~55, K=8 ~40).
+FULL = EvalPlan(n_cal=80, n_test=160, max_tokens=64, ks=(4, 8), thresholds=(0.5, 0.6, 0.7))
 QUICK = EvalPlan(n_cal=8, n_test=8, max_tokens=12, ks=(4,), thresholds=(0.3, 0.5), n_examples=2, n_boot=200)
 
 
@@ -236,9 +236,10 @@ def generate(llm: Any, prompts: list, *, max_tokens: int, extra_args: dict[str, 
     for i, (p, o, bad) in enumerate(zip(prompts, outs, neg)):
         comp = o.outputs[0]
         st = _stats(llm, o.request_id)
-        lps = [float(d[t].logprob) for t, d in zip(comp.token_ids, comp.logprobs or [])]
+        lps = [float(d[t].logprob) for t, d in zip(comp.token_ids, comp.logprobs or []) if t in d]
         if len(lps) != len(comp.token_ids):
-            raise RuntimeError(f"request {o.request_id}: {len(lps)} logprobs for {len(comp.token_ids)} tokens")
+            raise RuntimeError(f"request {o.request_id}: the engine returned logprobs for {len(lps)} of its "
+                               f"{len(comp.token_ids)} tokens")
         if st["forced_eos"] and lps:
             lps = lps[:-1]  # abstention's EOS is not the model's token
         responses.append(Response(p.id, comp.text, lps, bool(bad), int(st["num_scored"]),

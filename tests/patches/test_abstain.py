@@ -23,7 +23,7 @@ def llm(tiny_model_dir, tmp_path_factory):
 def _sp(**kw):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=12, **kw)
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": 12, **kw})
 
 
 def _stats(llm, req_id):
@@ -85,3 +85,19 @@ def test_bad_request_arg_is_rejected(llm):
         llm.generate(PROMPTS[:1], _sp(extra_args={"threshold": 3.0}))
     # The engine keeps serving.
     assert len(llm.generate(PROMPTS[:1], _sp())[0].outputs[0].token_ids) >= 1
+
+
+def test_forced_eos_comes_back_with_its_own_logprob(llm):
+    """Logprobs of a forced EOS are EOS's (raw) logprob under the model, not the replaced sample's."""
+    prompt = PROMPTS[0]
+    out = llm.generate([prompt], _sp(logprobs=2, extra_args={"threshold": 0.4}))[0].outputs[0]
+    eos = out.token_ids[-1]
+    last = out.logprobs[-1]
+    assert eos in last
+    # Reference: the model's distribution after the same two-token prefix, read off prompt logprobs.
+    ids = [*llm.get_tokenizer().encode(prompt), *out.token_ids[:-1]]
+    ref = llm.generate([{"prompt_token_ids": [*ids, eos]}],
+                       _sp(max_tokens=1, prompt_logprobs=0, extra_args={"value_steer": False}))[0]
+    expected = ref.prompt_logprobs[len(ids)][eos]
+    assert last[eos].logprob == pytest.approx(expected.logprob, abs=1e-4)
+    assert last[eos].rank == expected.rank
