@@ -424,6 +424,32 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def threshold_transfer(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each (K, threshold) run on both splits: relative cut and perplexity change on calibration and on
+    test, and whether each split alone meets the target. Shows whether the calibration rule could have
+    found a threshold that works on test (the selection, not the head, is then what falls short)."""
+    budget = results["plan"]["max_ppl_increase"]
+    by_split: dict[str, dict[tuple[Any, Any], dict[str, Any]]] = {}
+    base: dict[str, dict[str, Any]] = {}
+    for c in results["conditions"]:
+        if c["mode"] == "base":
+            base[c["split"]] = c["metrics"]
+        elif c["mode"] == "vfd":
+            by_split.setdefault(c["split"], {})[(str(c["k"]), c["threshold"])] = c["metrics"]
+    rows = []
+    for key in sorted(set(by_split.get("calibration", {})) & set(by_split.get("test", {}))):
+        row: dict[str, Any] = {"k": key[0], "threshold": key[1]}
+        for split in ("calibration", "test"):
+            m, b = by_split[split][key], base[split]
+            bu = b["undesirable"]["value"]
+            cut = (bu - m["undesirable"]["value"]) / bu if bu > 0 else float("nan")
+            inc = m["perplexity"]["value"] / b["perplexity"]["value"] - 1.0
+            row[split] = {"relative_cut": cut, "perplexity_increase": inc,
+                          "within_budget": bool(inc <= budget), "meets_target": bool(cut >= 0.5 and inc <= budget)}
+        rows.append(row)
+    return rows
+
+
 def write_report(results: dict[str, Any], out: Path, command: str) -> str:
     """Write ``out`` (.md), ``out.with_suffix('.json')`` and the PNGs; returns the markdown."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -432,6 +458,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
     conds = results["conditions"]
     head = summary(results)
     results["summary"] = head
+    base_ppl = {c["split"]: c["metrics"]["perplexity"]["value"] for c in conds if c["mode"] == "base"}
     pngs = plot(results, out)
     md = ["# Evaluation: value steering of SmolLM2-135M-Instruct (negative sentiment)\n",
           f"Reproduce: `{command}` ({results['wall_s'] / 60:.1f} min on this machine). Every number below is "
@@ -460,6 +487,28 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
                   f"{100 * s['relative_cut']:.1f}% | {100 * s['perplexity_increase']:+.1f}% | "
                   f"{'yes' if s['meets_target'] else 'no'} |")
     md.append("\nTarget: at least a 50% relative cut at no more than +10% perplexity.\n")
+    transfer = threshold_transfer(results)
+    results["threshold_transfer"] = transfer
+    if transfer:
+        md += ["## Threshold transfer (calibration -> test)\n",
+               "Each threshold run on both splits, against its own split's base. The rule sees only the "
+               "calibration columns.\n",
+               "| K | threshold | cal cut | cal perplexity | test cut | test perplexity | target met on test |",
+               "|---:|---:|---:|---:|---:|---:|---|"]
+        for r in transfer:
+            c, t = r["calibration"], r["test"]
+            md.append(f"| {r['k']} | {r['threshold']:g} | {100 * c['relative_cut']:.1f}% | "
+                      f"{100 * c['perplexity_increase']:+.1f}% | {100 * t['relative_cut']:.1f}% | "
+                      f"{100 * t['perplexity_increase']:+.1f}% | {'yes' if t['meets_target'] else 'no'} |")
+        missed = [r for r in transfer if r["test"]["meets_target"] and not r["calibration"]["within_budget"]]
+        if missed and not any(s["meets_target"] for s in head.values()):
+            md.append("\nThe target is met on test by " + ", ".join(
+                f"K={r['k']} t={r['threshold']:g}" for r in missed) + ", but on calibration those thresholds "
+                "were over the perplexity budget (" + ", ".join(
+                f"{100 * r['calibration']['perplexity_increase']:+.1f}%" for r in missed) + f"), with "
+                f"calibration base perplexity {base_ppl['calibration']:.2f} against {base_ppl['test']:.2f} on "
+                "test. The rule, which sees calibration only, could not pick them.")
+        md.append("")
     for split in ("test", "calibration"):
         md.append(f"## {split.capitalize()} split\n")
         md += _table([c for c in conds if c["split"] == split], chosen)

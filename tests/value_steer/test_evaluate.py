@@ -19,6 +19,7 @@ from value_steer.evaluate import (
     distinct_2,
     perplexity,
     summary,
+    threshold_transfer,
     write_report,
 )
 
@@ -110,6 +111,27 @@ def test_report_from_synthetic_results(tmp_path):
     assert main(["--render-only", str(tmp_path / "saved.json"), "--out", str(tmp_path / "again.md")]) == 0
     assert (tmp_path / "again.md").read_text() == md.replace("report-", "again-").replace("report.json",
                                                                                             "again.json")
+
+
+def _cond(split, mode, k=None, t=None, undesirable=0.5, ppl=5.0):
+    name = "base" if mode == "base" else f"vfd K={k} t={t:g}"
+    return {"name": name, "split": split, "mode": mode, "k": k, "threshold": t,
+            "metrics": {"undesirable": {"value": undesirable}, "perplexity": {"value": ppl}}}
+
+
+def test_threshold_transfer_compares_each_threshold_on_both_splits():
+    # t=0.5 is over budget on calibration (+20%) but meets the target on test (-60% at +4%).
+    conds = [_cond("calibration", "base", ppl=5.0), _cond("calibration", "vfd", 4, 0.5, 0.2, 6.0),
+             _cond("calibration", "vfd", 4, 0.7, 0.4, 5.2), _cond("test", "base", ppl=5.0),
+             _cond("test", "vfd", 4, 0.5, 0.2, 5.2), _cond("test", "vfd", 4, 0.7, 0.45, 5.1),
+             _cond("test", "vfd", 8, 0.7, 0.45, 5.1)]  # K=8 ran on test only: no row
+    rows = threshold_transfer({"plan": {"max_ppl_increase": 0.1}, "conditions": conds})
+    assert [(r["k"], r["threshold"]) for r in rows] == [("4", 0.5), ("4", 0.7)]
+    r = rows[0]
+    assert r["calibration"]["relative_cut"] == pytest.approx(0.6)
+    assert r["calibration"]["perplexity_increase"] == pytest.approx(0.2)
+    assert r["calibration"]["within_budget"] is False and r["test"]["meets_target"] is True
+    assert rows[1]["test"]["meets_target"] is False  # a 10% cut
 
 
 @pytest.mark.vllm
