@@ -543,6 +543,26 @@ class VFDRunnerMixin:
         greedy = sm.temperature.index_select(0, rows) < _SAMPLING_EPS
         return torch.where(greedy.unsqueeze(1), greedy_x, rand_x), greedy
 
+    def _vfd_natural_sample(self, proc: torch.Tensor, greedy: torch.Tensor, batch_rows: list[int]) -> torch.Tensor:
+        """Column 0 of first-token rows, drawn as the engine's sampler draws this position: its own
+        sampling op, with the request's generator for seeded requests (one draw, as base consumes).
+
+        ``proc`` is ``[n, V]`` from :meth:`_vfd_processed` (top-k/top-p already applied, so the sampler op
+        runs with ``k = p = None``); ``batch_rows`` are the rows' batch indices. Returns ``[n] int64``.
+        Every later position's column 0 is the sampler's own draw too, so a seeded steered request that
+        never intervenes reproduces the unsteered text.
+        """
+        natural = proc.argmax(dim=-1)
+        rand = (~greedy).nonzero().flatten()
+        if rand.numel() == 0:
+            return natural
+        batch_gens = self.input_batch.sampling_metadata.generators  # type: ignore[attr-defined]
+        gens = {j: batch_gens[batch_rows[i]] for j, i in enumerate(rand.tolist()) if batch_rows[i] in batch_gens}
+        sampled, _ = self.sampler.topk_topp_sampler(  # type: ignore[attr-defined]
+            proc.index_select(0, rand).float(), gens, None, None
+        )
+        return natural.index_copy(0, rand, sampled.to(natural.dtype).reshape(-1))
+
     def _vfd_refresh_min_tokens(self) -> None:
         """Let min_tokens see the winner: the next distribution is for one output index later.
 
@@ -603,7 +623,8 @@ class VFDRunnerMixin:
             f_states = [r.state for r in plan.first]
             f_rows = rows_t[len(plan.steady) :]
             proc, greedy = self._vfd_processed(logits, f_rows)
-            toks, nval = draw_candidates(proc, greedy, kmax, None, self._vfd_generators(f_states))
+            natural = self._vfd_natural_sample(proc, greedy, batch_rows[len(plan.steady) :])
+            toks, nval = draw_candidates(proc, greedy, kmax, natural, self._vfd_generators(f_states))
             toks_l, nval_l = toks.tolist(), nval.tolist()
             f_lp: list[Any] = [None] * len(plan.first)
             lp_idx = [j for j, r in enumerate(plan.first) if want_lp[len(plan.steady) + j] is not None]

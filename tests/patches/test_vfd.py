@@ -131,6 +131,21 @@ def test_never_intervening_is_base(llm):
     assert dbg["counters"]["steady_rows"] > 0
 
 
+def test_never_intervening_is_base_when_seeded(llm):
+    # Random sampling with a per-request seed: column 0 is the sampler's own draw from the request's
+    # generator at every position (the first one included), so a steered request that never intervenes
+    # is token for token the unsteered one.
+    kw = dict(temperature=0.9, top_p=0.95, seed=7)
+    base = llm.generate(PROMPTS, _sp(40, extra_args={"value_steer": False}, **kw), use_tqdm=False)
+    steered = llm.generate(PROMPTS, _sp(40, extra_args={"threshold": 1.0}, **kw), use_tqdm=False)
+    for b, s in zip(base, steered):
+        assert s.outputs[0].token_ids == b.outputs[0].token_ids
+    _check_filtered(llm, steered)
+    # And the draws are random: another seed gives another text.
+    other = llm.generate(PROMPTS[:1], _sp(40, extra_args={"threshold": 1.0}, **{**kw, "seed": 8}), use_tqdm=False)
+    assert other[0].outputs[0].token_ids != steered[0].outputs[0].token_ids
+
+
 def test_always_intervening_commits_argmin(llm):
     # Threshold 0: nothing is safe, so the safest (lowest value) candidate wins every step.
     outs = llm.generate(PROMPTS, _sp(40, extra_args={"threshold": 0.0}), use_tqdm=False)
