@@ -502,12 +502,14 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
                       f"{100 * t['perplexity_increase']:+.1f}% | {'yes' if t['meets_target'] else 'no'} |")
         missed = [r for r in transfer if r["test"]["meets_target"] and not r["calibration"]["within_budget"]]
         if missed and not any(s["meets_target"] for s in head.values()):
-            md.append("\nThe target is met on test by " + ", ".join(
-                f"K={r['k']} t={r['threshold']:g}" for r in missed) + ", but on calibration those thresholds "
-                "were over the perplexity budget (" + ", ".join(
-                f"{100 * r['calibration']['perplexity_increase']:+.1f}%" for r in missed) + f"), with "
-                f"calibration base perplexity {base_ppl['calibration']:.2f} against {base_ppl['test']:.2f} on "
-                "test. The rule, which sees calibration only, could not pick them.")
+            many = len(missed) > 1
+            names = ", ".join(f"K={r['k']} t={r['threshold']:g}" for r in missed)
+            costs = ", ".join(f"{100 * r['calibration']['perplexity_increase']:+.1f}%" for r in missed)
+            md.append(f"\nThe target is met on test by {names}, but on calibration "
+                      f"{'those thresholds were' if many else 'it was'} over the perplexity budget ({costs}), "
+                      f"with calibration base perplexity {base_ppl['calibration']:.2f} against "
+                      f"{base_ppl['test']:.2f} on test. The rule, which sees calibration only, could not pick "
+                      f"{'them' if many else 'it'}.")
         md.append("")
     for split in ("test", "calibration"):
         md.append(f"## {split.capitalize()} split\n")
