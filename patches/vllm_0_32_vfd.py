@@ -557,10 +557,14 @@ class VFDRunnerMixin:
         if rand.numel() == 0:
             return natural
         batch_gens = self.input_batch.sampling_metadata.generators  # type: ignore[attr-defined]
-        gens = {j: batch_gens[batch_rows[i]] for j, i in enumerate(rand.tolist()) if batch_rows[i] in batch_gens}
-        sampled, _ = self.sampler.topk_topp_sampler(  # type: ignore[attr-defined]
-            proc.index_select(0, rand).float(), gens, None, None
-        )
+        # Unseeded rows draw from the runner's private generator, and the op's own use of the global RNG
+        # is rolled back: unsteered rows must see the global stream exactly as in base.
+        gens = {j: batch_gens.get(batch_rows[i], self._vfd_generator) for j, i in enumerate(rand.tolist())}
+        cuda = [proc.device.index or 0] if proc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            sampled, _ = self.sampler.topk_topp_sampler(  # type: ignore[attr-defined]
+                proc.index_select(0, rand).float(), gens, None, None
+            )
         return natural.index_copy(0, rand, sampled.to(natural.dtype).reshape(-1))
 
     def _vfd_refresh_min_tokens(self) -> None:
