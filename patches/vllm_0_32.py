@@ -216,8 +216,8 @@ class SteeringRunnerMixin:
         forced = set(force.nonzero().flatten().tolist())
         mode = getattr(getattr(self, "sampler", None), "logprobs_mode", "raw_logprobs")
         if forced & set(rows) and mode not in ("raw_logprobs", "raw_logits"):
-            logger.warning("value_steer: forced-EOS logprobs are reported as %s of the raw logits (logprobs mode %s)",
-                           "logprobs", mode)
+            logger.warning("value_steer: forced-EOS logprobs are reported as logprobs of the raw logits "
+                           "(logprobs mode %s)", mode)
         for j, i in enumerate(rows):
             if i not in forced:
                 continue

@@ -94,7 +94,8 @@ def test_forced_eos_comes_back_with_its_own_logprob(llm):
     eos = out.token_ids[-1]
     last = out.logprobs[-1]
     assert eos in last
-    # Reference: the model's distribution after the same two-token prefix, read off prompt logprobs.
+    # Reference: the model's distribution after the same prefix (prompt + the tokens before the EOS),
+    # read off prompt logprobs of an unsteered request.
     ids = [*llm.get_tokenizer().encode(prompt), *out.token_ids[:-1]]
     ref = llm.generate([{"prompt_token_ids": [*ids, eos]}],
                        _sp(max_tokens=1, prompt_logprobs=0, extra_args={"value_steer": False}))[0]
