@@ -181,10 +181,11 @@ class SteeringRunnerMixin:
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
         eng = self._vs_engine
         raw_for_logprobs = None
-        if eng is not None and eng.config.mode == MODE_ABSTAIN and logits is not None and self._vs_step is not None:
+        ib = self.input_batch  # type: ignore[attr-defined]
+        if (eng is not None and eng.config.mode == MODE_ABSTAIN and logits is not None and self._vs_step is not None
+                and ib.sampling_metadata.max_num_logprobs is not None):
             # A forced EOS must come back with its own logprob: keep the raw logits of the rows that asked
-            # for logprobs (the sampler may scale logits in place).
-            ib = self.input_batch  # type: ignore[attr-defined]
+            # for logprobs (the sampler may scale logits in place). Steps where nobody asked skip this.
             want = [i for i, r in enumerate(ib.req_ids[: ib.num_reqs])
                     if self.requests[r].sampling_params is not None  # type: ignore[attr-defined]
                     and self.requests[r].sampling_params.logprobs is not None]  # type: ignore[attr-defined]
