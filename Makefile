@@ -55,7 +55,7 @@ test: $(STAMP)
 	VLLM_DISABLE_COMPILE_CACHE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 serve: $(STAMP)
-	$(PY) -m value_steer.cli serve --port $(PORT)
+	$(PY) -m value_steer.offline.cli serve --port $(PORT)
 
 bench: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) benchmarks/run_all.py

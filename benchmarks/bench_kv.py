@@ -13,10 +13,10 @@ from _common import Row, bench_pair, device, peak_bandwidth, print_rows
 from value_steer.kernels import (
     copy_kv_slots,
     copy_kv_slots_reference,
-    kv_views_fa,
     write_kv,
     write_kv_reference,
 )
+from value_steer.patches.vllm_0_32.kv_layout import kv_views_fa
 
 
 def fa_caches(layers: int, nb: int, bs: int, kvh: int, d: int, dtype: torch.dtype, dev: torch.device):

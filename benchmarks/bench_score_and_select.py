@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from _common import Row, bench_pair, device, peak_bandwidth, print_rows
 
+from value_steer.core.modes import MODE_ABSTAIN, MODE_VFD
+from value_steer.core.row_table import RowTable
 from value_steer.kernels import score_and_select, score_and_select_reference
-from value_steer.rows import MODE_ABSTAIN, MODE_VFD, RowTable
 
 
 def make_inputs(r: int, k: int, h: int, dev: torch.device):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from _common import Row, bench_pair, device, peak_bandwidth, print_rows, quick
 
+from value_steer.core.value_head import ValueHead, value_head_reference
 from value_steer.kernels import prepare_value_head_weights, value_head
-from value_steer.value_head import ValueHead, value_head_reference
 
 
 def torch_composite(x, w0, b0, w2, b2, w4, b4):

@@ -30,29 +30,24 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+from value_steer.offline.assets import apply_vllm_cpu_env
+
+apply_vllm_cpu_env("bench")
 
 
 def _prompts(n: int) -> list[list[dict[str, str]]]:
-    from value_steer.tasks.sentiment import sample_prompts
+    from value_steer.offline.tasks.sentiment import sample_prompts
 
     ps = sample_prompts("test", min(n, 1000), seed=0)
     return [ps[i % len(ps)].messages for i in range(n)]
 
 
 def _llm(model: str, max_num_seqs: int, block_size: int, config: dict | None):
-    from vllm import LLM
+    from value_steer.offline.engines import offline_llm
 
-    kw: dict = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max(2048, max_num_seqs * 8), block_size=block_size, seed=0,
-                    enable_prefix_caching=False)
-    if config is not None:
-        kw.update(worker_cls="value_steer.worker.ValueSteerWorker", additional_config=config)
-    return LLM(**kw)
+    return offline_llm(model, config, steering=config is not None, kv_use="bench", max_model_len=512,
+                       max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs * 8),
+                       block_size=block_size, enable_prefix_caching=False)
 
 
 def _time_gen(llm, prompts, n_tokens: int, extra_args: dict | None) -> float:
@@ -97,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from value_steer.cli import default_head_path
-    from value_steer.models import prepare_smollm2
+    from value_steer.offline.assets import default_head_path
+    from value_steer.offline.models import prepare_smollm2
 
     model = args.model or str(prepare_smollm2())
     head = args.head or str(default_head_path())
     if not os.path.isfile(head):
         from transformers import AutoConfig
 
-        from value_steer.checkpoint import save_value_head
-        from value_steer.value_head import ValueHead
+        from value_steer.core.checkpoint import save_value_head
+        from value_steer.core.value_head import ValueHead
 
         hidden = AutoConfig.from_pretrained(model).hidden_size
         head = os.path.join(tempfile.mkdtemp(), "random-head.safetensors")

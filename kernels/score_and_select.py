@@ -5,7 +5,7 @@ One launch, one program per row ``r`` (grid ``(R,)``), no host synchronisation:
 - read the row's table entry ``row = row_idx[r]``: ``mode``, ``threshold``, ``sign``, ``num_candidates``
   (clamped to ``[1, K]``);
 - ``signed = sign * (values[r, :] - threshold)`` (same fp32 arithmetic as
-  ``value_steer.steering._signed``); ``valid = col < n & finite(signed)``; ``safe = valid & signed < 0``;
+  ``value_steer.core.selection._signed``); ``valid = col < n & finite(signed)``; ``safe = valid & signed < 0``;
 - ``MODE_VFD``: winner = first safe column, else the safest valid one (lowest column on ties), else 0;
   ``intervened = winner != 0``; no EOS forced;
 - ``MODE_ABSTAIN``: winner 0, ``force_eos = finite(signed[0]) & signed[0] >= 0``;
@@ -13,21 +13,24 @@ One launch, one program per row ``r`` (grid ``(R,)``), no host synchronisation:
 - gather ``cand_tokens``/``values``/``cand_logprobs`` at the winner and, when ``cand_hidden`` is given,
   copy its row ``r * K + winner`` into ``winner_hidden[r]`` in BLOCK_H chunks (same launch).
 
-The reference (``score_and_select_reference``) composes ``value_steer.steering.vfd_select`` and
-``value_steer.steering.force_eos``; the selection math lives only there.
+The reference (``score_and_select_reference``) composes ``value_steer.core.selection.vfd_select`` and
+``value_steer.core.selection.force_eos``; the selection math lives only there.
 """
 
 from __future__ import annotations
 
 import torch
 
+from value_steer import _ext
+from value_steer.core.modes import MODE_ABSTAIN, MODE_VFD
+from value_steer.core.selection import force_eos, vfd_select
 from value_steer.kernels._triton_utils import HAS_TRITON, next_power_of_2, require_triton, tl, triton
-from value_steer.rows import MODE_ABSTAIN, MODE_VFD
-from value_steer.steering import force_eos, vfd_select
 
 __all__ = [
+    "ScoreOutputs",
     "check_score_and_select_args",
     "empty_score_and_select_outputs",
+    "score_and_select",
     "score_and_select_reference",
     "score_and_select_triton",
 ]
@@ -110,7 +113,7 @@ def score_and_select_reference(
         cand_tokens: ``[R, K]`` int64; cand_logprobs: ``[R, K]`` fp32.
         row_idx: ``[R]`` int32/int64 indices into the row table (0 = off).
         row_threshold, row_sign: ``[num_rows]`` fp32; row_mode, row_num_candidates: ``[num_rows]`` int32
-            (the ``value_steer.rows.RowTable`` buffers). ``num_candidates`` is clamped to ``[1, K]``.
+            (the ``value_steer.core.modes.RowTable`` buffers). ``num_candidates`` is clamped to ``[1, K]``.
         cand_hidden: optional ``[R*K, H]`` (row ``r``'s candidates at rows ``r*K .. r*K+K-1``).
     Returns:
         ``winner_col [R] int64, winner_token [R] int64, winner_value [R] fp32, winner_logprob [R] fp32,
@@ -258,3 +261,77 @@ def score_and_select_triton(
         num_warps=4,
     )  # fmt: skip
     return outs
+
+# --------------------------------------------------------------------------------------------------
+# Custom op: CUDA = the Triton launcher; CPU = value_steer._C when built, else the reference; fake = shapes
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("value_steer::score_and_select", mutates_args=())
+def _score_and_select_op(
+    values: torch.Tensor,
+    cand_tokens: torch.Tensor,
+    cand_logprobs: torch.Tensor,
+    row_idx: torch.Tensor,
+    row_threshold: torch.Tensor,
+    row_sign: torch.Tensor,
+    row_mode: torch.Tensor,
+    row_num_candidates: torch.Tensor,
+    cand_hidden: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (values, cand_tokens, cand_logprobs, row_idx, row_threshold, row_sign, row_mode, row_num_candidates)
+    ext = _ext.extension()
+    if ext is not None:
+        check_score_and_select_args(*args, cand_hidden)
+        return tuple(ext.score_and_select(*args, cand_hidden))
+    return score_and_select_reference(*args, cand_hidden)
+
+
+@_score_and_select_op.register_fake
+def _(values, cand_tokens, cand_logprobs, row_idx, row_threshold, row_sign, row_mode, row_num_candidates, cand_hidden):
+    r, _, h = check_score_and_select_args(
+        values, cand_tokens, cand_logprobs, row_idx, row_threshold, row_sign, row_mode, row_num_candidates,
+        cand_hidden,
+    )  # fmt: skip
+    return empty_score_and_select_outputs(r, h, values.device, None if cand_hidden is None else cand_hidden.dtype)
+
+
+@_score_and_select_op.register_kernel("cuda")
+def _(values, cand_tokens, cand_logprobs, row_idx, row_threshold, row_sign, row_mode, row_num_candidates, cand_hidden):
+    return score_and_select_triton(
+        values, cand_tokens, cand_logprobs, row_idx, row_threshold, row_sign, row_mode, row_num_candidates,
+        cand_hidden,
+    )  # fmt: skip
+
+
+def score_and_select(
+    values: torch.Tensor,
+    cand_tokens: torch.Tensor,
+    cand_logprobs: torch.Tensor,
+    row_idx: torch.Tensor,
+    row_threshold: torch.Tensor,
+    row_sign: torch.Tensor,
+    row_mode: torch.Tensor,
+    row_num_candidates: torch.Tensor,
+    cand_hidden: torch.Tensor | None = None,
+) -> ScoreOutputs:
+    """Per-row steering decision over the row table (``torch.ops.value_steer.score_and_select``).
+
+    Args:
+        values: ``[R, K]`` fp32 candidate values (column 0 = natural sample; NaN allowed).
+        cand_tokens: ``[R, K]`` int64; cand_logprobs: ``[R, K]`` fp32.
+        row_idx: ``[R]`` int32/int64 row-table index per row (0 = off).
+        row_threshold, row_sign, row_mode, row_num_candidates: the ``RowTable`` buffers
+            (``[num_rows]`` fp32, fp32 ±1, int32 ``MODE_*``, int32).
+        cand_hidden: optional ``[R*K, H]`` hidden states (row ``r``'s candidates at ``r*K .. r*K+K-1``).
+    Returns:
+        ``(winner_col [R] int64, winner_token [R] int64, winner_value [R] fp32, winner_logprob [R] fp32,
+        intervened [R] bool, force_eos [R] bool, winner_hidden [R, H])``; ``winner_hidden`` has
+        ``cand_hidden``'s dtype, or is ``[R, 0]`` fp32 without ``cand_hidden``. Semantics: MODE_VFD rows
+        apply ``value_steer.core.selection.vfd_select`` over their first ``num_candidates`` (clamped to
+        ``[1, K]``) columns; MODE_ABSTAIN rows keep column 0 and flag ``force_eos`` per
+        ``value_steer.core.selection.force_eos`` on ``values[:, 0]``; MODE_OFF rows (row 0) keep column 0.
+    """
+    return torch.ops.value_steer.score_and_select(
+        values, cand_tokens, cand_logprobs, row_idx, row_threshold, row_sign, row_mode, row_num_candidates,
+        cand_hidden,
+    )  # fmt: skip

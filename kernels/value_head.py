@@ -17,7 +17,7 @@ row's arithmetic is identical whether it is computed alone or in a batch of 512:
 bitwise equal (tested with ``torch.equal``). Do not make any block size a function of ``M``.
 
 Precision: fp32 weights use fp32 FMA dots (``input_precision="ieee"``; never TF32), matching
-``value_steer.value_head.value_head_reference`` within ~1e-5. bf16/fp16 weights (pre-cast once by
+``value_steer.core.value_head.value_head_reference`` within ~1e-5. bf16/fp16 weights (pre-cast once by
 ``prepare_value_head_weights``) use tensor-core dots with ``x``/``h1`` rounded to the weight dtype and
 fp32 accumulation; the tolerance against the fp32 reference is looser (~1e-2 on ``p``).
 
@@ -37,8 +37,9 @@ from collections.abc import Sequence
 
 import torch
 
+from value_steer import _ext
+from value_steer.core.value_head import value_head_reference
 from value_steer.kernels._triton_utils import HAS_TRITON, is_interpreted, next_power_of_2, require_triton, tl, triton
-from value_steer.value_head import value_head_reference
 
 __all__ = [
     "BLOCK_K",
@@ -46,6 +47,7 @@ __all__ = [
     "BLOCK_N",
     "check_value_head_args",
     "prepare_value_head_weights",
+    "value_head",
     "value_head_reference",
     "value_head_triton",
 ]
@@ -67,7 +69,7 @@ def prepare_value_head_weights(
     """Pre-cast a value head's weights once for the kernels.
 
     Args:
-        head: a ``value_steer.value_head.ValueHead`` (anything with ``.weights()``) or the tuple
+        head: a ``value_steer.core.value_head.ValueHead`` (anything with ``.weights()``) or the tuple
             ``(w0, b0, w2, b2, w4, b4)``.
         dtype: storage dtype of the two ``[H, H]`` matrices: ``torch.float32`` (exact mode) or
             ``torch.bfloat16`` / ``torch.float16`` (half the weight bytes, looser tolerance).
@@ -339,3 +341,57 @@ def value_head_triton(
         partials, b4, out, n_tiles, partials.stride(0), BLOCK_T=next_power_of_2(n_tiles), num_warps=1
     )
     return out
+
+# --------------------------------------------------------------------------------------------------
+# Custom op: CUDA = the Triton launcher; CPU = value_steer._C when built, else the reference; fake = shapes
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("value_steer::value_head", mutates_args=())
+def _value_head_op(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w4: torch.Tensor,
+    b4: torch.Tensor,
+) -> torch.Tensor:
+    ext = _ext.extension()
+    if ext is not None:
+        return ext.value_head(x, w0, b0, w2, b2, w4, b4)
+    check_value_head_args(x, w0, b0, w2, b2, w4, b4)
+    return value_head_reference(x, w0, b0, w2, b2, w4, b4)
+
+
+@_value_head_op.register_fake
+def _(x, w0, b0, w2, b2, w4, b4):
+    m, _ = check_value_head_args(x, w0, b0, w2, b2, w4, b4)
+    return x.new_empty((m,), dtype=torch.float32)
+
+
+@_value_head_op.register_kernel("cuda")
+def _(x, w0, b0, w2, b2, w4, b4):
+    return value_head_triton(x, w0, b0, w2, b2, w4, b4)
+
+
+def value_head(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w4: torch.Tensor,
+    b4: torch.Tensor,
+) -> torch.Tensor:
+    """Fused value head ``p = sigmoid(w4 · relu(W2 tanh(W0 x + b0) + b2) + b4)`` (``torch.ops.value_steer.value_head``).
+
+    Args:
+        x: ``[M, H]`` fp32/bf16/fp16 hidden states.
+        w0, w2: ``[H, H]`` fp32, or bf16/fp16 pre-cast by ``prepare_value_head_weights`` (looser tolerance).
+        b0, b2: ``[H]``; w4: ``[1, H]`` or ``[H]``; b4: ``[1]``.
+    Returns:
+        ``[M]`` fp32. Batch invariant: a row's value is bitwise identical whatever ``M`` is.
+    """
+    return torch.ops.value_steer.value_head(
+        x, w0.detach(), b0.detach(), w2.detach(), b2.detach(), w4.detach(), b4.detach()
+    )

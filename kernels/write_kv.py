@@ -7,22 +7,10 @@ caller to the logical order ``[num_blocks, block_size, kv_heads, head_dim]`` wit
 A slot ``s`` is token ``s % block_size`` of block ``s // block_size``; negative slots are skipped. The
 kernels address every element through the four strides and never assume contiguity.
 
-The helpers below build these views from the physical layouts (verified against the installed
-vLLM 0.32 source; see each docstring):
-
-- ``kv_views_fa_v019``: vLLM 0.19 FlashAttention, one ``[2, num_blocks, block_size, kvh, d]`` tensor.
-- ``kv_views_fa``: vLLM >= 0.26 FlashAttention (0.32 checked), one per-layer tensor whose logical
-  shape is ``[num_blocks, kvh, block_size, 2 * d]`` (K and V packed in the last dim) with whatever
-  physical stride order the engine's ``KVCacheLayout`` chose; split exactly as the backend does:
-  ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``.
-- ``kv_views_cpu``: the vLLM 0.32 CPU backend (``cpu_attn.py``). Its cache is ``[num_blocks, kvh,
-  block_size, 2 * d]`` but ``cpu_attn_reshape_and_cache`` stores an ISA-specific block interior: for the
-  ``vec``/``vec16`` ISAs K is column-major ``[d, block_size]`` and V row-major ``[block_size, d]`` inside
-  each (block, head) page, both plain strided 4-D views; for ``amx`` (bf16 on AMX CPUs) K and V are
-  packed for AMX tiles, which no 4-D strided view expresses. ``kv_views_cpu(..., "amx")`` returns
-  *6-D tiled views* ``[num_blocks, bs_outer, bs_inner, kvh, d_outer, d_inner]`` instead (token
-  ``t = t_o * bs_inner + t_i``, dim ``i = i_o * d_inner + i_i``); the C++ CPU ops accept them, the
-  Triton kernels (GPU layouts only) take 4-D views.
+The views come from the vLLM adapter (``value_steer.patches.<version>.kv_layout``), which knows each
+version's and backend's physical layout (FlashAttention: strided 4-D views; the vLLM CPU backend's ``amx``
+interior: 6-D tiled views ``[num_blocks, bs_outer, bs_inner, kvh, d_outer, d_inner]`` that the C++ CPU
+ops accept; the Triton kernels take 4-D views).
 
 Launches
 --------
@@ -46,96 +34,22 @@ from collections.abc import Sequence
 
 import torch
 
+from value_steer import _ext
 from value_steer.kernels._triton_utils import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 __all__ = [
     "check_copy_kv_slots_args",
     "check_write_kv_args",
+    "copy_kv_slots",
     "copy_kv_slots_reference",
     "copy_kv_slots_triton",
     "kv_pointer_table",
-    "kv_views_cpu",
-    "kv_views_fa",
-    "kv_views_fa_v019",
-    "write_kv_fa2",
+    "write_kv",
     "write_kv_reference",
     "write_kv_triton",
 ]
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# --------------------------------------------------------------------------------------------------
-# Layout helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def kv_views_fa_v019(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM 0.19 FlashAttention layout ``[2, num_blocks, block_size, kvh, d]`` -> ``(K, V)`` logical views.
-
-    Each view is ``kv_cache[i]``: ``[num_blocks, block_size, kvh, d]``, contiguous within the layer.
-    """
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"vLLM 0.19 FA cache must be [2, nb, bs, kvh, d], got {list(kv_cache.shape)}")
-    return kv_cache[0], kv_cache[1]
-
-
-def kv_views_fa(kv_cache: torch.Tensor, head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM >= 0.26 FlashAttention per-layer cache -> ``(K, V)`` logical views.
-
-    ``kv_cache`` is the per-layer view vLLM hands the backend: logical ``[num_blocks, kvh, block_size,
-    2 * head_size]`` (K then V in the last dim, ``vllm/v1/kv_cache_interface.py::create_kv_cache_views``),
-    physically permuted by the resolved ``KVCacheLayout`` (default ``LBNHC``, i.e. per layer
-    ``[nb, bs, kvh, 2d]`` contiguous). The split is the one ``FlashAttentionImpl.forward`` and
-    ``do_kv_cache_update`` use (``vllm/v1/attention/backends/flash_attn.py`` lines 1252 and 1443 in 0.32):
-    ``kv_cache.transpose(1, 2).split(head_size, dim=-1)`` -> two ``[nb, bs, kvh, d]`` strided views.
-    """
-    if kv_cache.dim() != 4 or kv_cache.shape[-1] % 2:
-        raise ValueError(f"FA cache must be [nb, kvh, bs, 2*d], got {list(kv_cache.shape)}")
-    d = kv_cache.shape[-1] // 2 if head_size is None else int(head_size)
-    if 2 * d != kv_cache.shape[-1]:
-        raise ValueError(f"head_size {d} does not match the packed last dim {kv_cache.shape[-1]}")
-    k, v = kv_cache.transpose(1, 2).split(d, dim=-1)
-    return k, v
-
-
-def kv_views_cpu(kv_cache: torch.Tensor, isa: str = "vec") -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM 0.32 CPU-attention cache ``[num_blocks, kvh, block_size, 2 * d]`` -> ``(K, V)`` views.
-
-    The CPU backend (``vllm/v1/attention/backends/cpu_attn.py``: ``supported_kv_cache_layouts`` = LBHNC
-    at line 73, the split at lines 414-416 / 474-476) reinterprets each (block, head) page of
-    ``2 * block_size * d`` elements as K (first half) and V (second half), and
-    ``torch.ops._C.cpu_attn_reshape_and_cache`` writes an ISA-specific interior:
-
-    - ``"vec"``, ``"vec16"``: K column-major ``[d, block_size]``, V row-major ``[block_size, d]``
-      (verified by probing the installed op; upstream ``csrc/cpu/cpu_attn_vec.hpp``). Returns 4-D
-      views ``[nb, bs, kvh, d]`` with strides K ``(s_b, 1, s_h, bs)`` and V ``(s_b, d, s_h, 1)``.
-    - ``"amx"`` (bf16): K packs pairs of dims in 16-token groups, V packs pairs of tokens in 16-dim
-      groups (upstream ``csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache``; not probed: this machine has no
-      AMX). Not a 4-D strided view; returns 6-D views K ``[nb, bs/16, 16, kvh, d/2, 2]`` and
-      V ``[nb, bs/2, 2, kvh, d/16, 16]`` which the C++ CPU ops accept.
-
-    Other ISAs (neon, vsx, ...) are not verified and raise ``NotImplementedError``.
-    """
-    if kv_cache.dim() != 4 or kv_cache.shape[-1] % 2:
-        raise ValueError(f"CPU cache must be [nb, kvh, bs, 2*d], got {list(kv_cache.shape)}")
-    nb, kvh, bs, d2 = kv_cache.shape
-    d = d2 // 2
-    s_b, s_h, s_t, s_c = kv_cache.stride()
-    if s_c != 1 or s_t != d2:
-        raise ValueError(f"CPU cache pages must be contiguous [bs, 2d] per head, got strides {kv_cache.stride()}")
-    off = kv_cache.storage_offset()
-    if isa in ("vec", "vec16"):
-        k = kv_cache.as_strided((nb, bs, kvh, d), (s_b, 1, s_h, bs), off)
-        v = kv_cache.as_strided((nb, bs, kvh, d), (s_b, d, s_h, 1), off + bs * d)
-        return k, v
-    if isa == "amx":
-        if bs % 16 or d % 16:
-            raise ValueError(f"AMX layout needs block_size and head_dim multiples of 16, got {bs}, {d}")
-        k = kv_cache.as_strided((nb, bs // 16, 16, kvh, d // 2, 2), (s_b, 16 * d, 2, s_h, 32, 1), off)
-        v = kv_cache.as_strided((nb, bs // 2, 2, kvh, d // 16, 16), (s_b, 32, 1, s_h, 16 * bs, 2), off + bs * d)
-        return k, v
-    raise NotImplementedError(f"CPU attention ISA {isa!r}: KV layout not verified (supported: vec, vec16, amx)")
 
 
 def cache_geometry(cache: torch.Tensor) -> tuple[int, int, int, int]:
@@ -324,22 +238,6 @@ def write_kv_triton(
     )  # fmt: skip
 
 
-def write_kv_fa2(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """``write_kv`` into a FlashAttention layer cache as vLLM stores it (design-card entry point).
-
-    ``kv_cache`` is either the vLLM 0.19 ``[2, nb, bs, kvh, d]`` tensor or the vLLM >= 0.26 per-layer
-    ``[nb, kvh, bs, 2*d]`` view; the K/V views come from ``kv_views_fa_v019`` / ``kv_views_fa`` and the
-    write goes through ``torch.ops.value_steer.write_kv`` (Triton on CUDA, C++ on CPU).
-    """
-    k_cache, v_cache = kv_views_fa_v019(kv_cache) if kv_cache.dim() == 5 else kv_views_fa(kv_cache, key.shape[-1])
-    torch.ops.value_steer.write_kv(key, value, k_cache, v_cache, slot_mapping)
-
-
 # --------------------------------------------------------------------------------------------------
 # copy_kv_slots
 # --------------------------------------------------------------------------------------------------
@@ -428,3 +326,87 @@ def copy_kv_slots_triton(caches: Sequence[torch.Tensor], src_slots: torch.Tensor
     _copy_kv_slots_kernel[grid](
         ptrs, strides, src_slots, dst_slots, caches[0], kvh, d, bs, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4
     )
+
+# --------------------------------------------------------------------------------------------------
+# Custom op: CUDA = the Triton launcher; CPU = value_steer._C when built, else the reference; fake = shapes
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("value_steer::write_kv", mutates_args=("key_cache", "value_cache"))
+def _write_kv_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    ext = _ext.extension()
+    if ext is not None:
+        check_write_kv_args(key, value, key_cache, value_cache, slot_mapping)
+        ext.write_kv(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        write_kv_reference(key, value, key_cache, value_cache, slot_mapping)
+
+
+@_write_kv_op.register_fake
+def _(key, value, key_cache, value_cache, slot_mapping):
+    check_write_kv_args(key, value, key_cache, value_cache, slot_mapping)
+
+
+@_write_kv_op.register_kernel("cuda")
+def _(key, value, key_cache, value_cache, slot_mapping):
+    write_kv_triton(key, value, key_cache, value_cache, slot_mapping)
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter ``key``/``value`` rows into paged caches by slot, in place (``torch.ops.value_steer.write_kv``).
+
+    Args:
+        key, value: ``[N, kvh, d]`` (any strides; cast to the cache dtype).
+        key_cache, value_cache: logical views ``[num_blocks, block_size, kvh, d]`` with arbitrary strides
+            (built by the adapter's ``kv_layout`` module); fp32/bf16/fp16. The CPU
+            implementation also takes the 6-D tiled views the adapter's ``amx`` CPU views are.
+        slot_mapping: ``[N]`` int64; token ``n`` goes to block ``slot // block_size``, offset
+            ``slot % block_size``; a negative slot is skipped.
+    """
+    torch.ops.value_steer.write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+@torch.library.custom_op("value_steer::copy_kv_slots", mutates_args=("caches",))
+def _copy_kv_slots_op(caches: list[torch.Tensor], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    ext = _ext.extension()
+    if ext is not None:
+        check_copy_kv_slots_args(caches, src_slots, dst_slots)
+        ext.copy_kv_slots(list(caches), src_slots, dst_slots)
+    else:
+        copy_kv_slots_reference(caches, src_slots, dst_slots)
+
+
+@_copy_kv_slots_op.register_fake
+def _(caches, src_slots, dst_slots):
+    check_copy_kv_slots_args(caches, src_slots, dst_slots)
+
+
+@_copy_kv_slots_op.register_kernel("cuda")
+def _(caches, src_slots, dst_slots):
+    copy_kv_slots_triton(caches, src_slots, dst_slots)
+
+
+def copy_kv_slots(caches: list[torch.Tensor], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    """Copy slot ``src_slots[p]`` to ``dst_slots[p]`` in every cache view, in place, in ONE launch on CUDA.
+
+    Args:
+        caches: the per-layer K and V logical views (``[nb, bs, kvh, d]``, same shape and dtype, strides
+            may differ per view), e.g. ``[k0, v0, k1, v1, ...]``.
+        src_slots, dst_slots: ``[P]`` int64; pairs with a negative slot are skipped. Destination slots
+            must be distinct and disjoint from the source slots (pairs run concurrently).
+
+    On CUDA the kernel reads each view's base address from a cached device pointer table
+    (``kv_pointer_table``); build it once before CUDA-graph capture.
+    """
+    torch.ops.value_steer.copy_kv_slots(list(caches), src_slots, dst_slots)

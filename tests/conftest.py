@@ -6,13 +6,12 @@ import os
 
 # Before any triton/vllm import: kernels run under the Triton interpreter on CPU-only machines,
 # vLLM runs its CPU platform offline.
-os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+from value_steer.offline.assets import apply_vllm_cpu_env
 
-import pytest
-import torch
+apply_vllm_cpu_env("test")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import value_steer
-from value_steer.kernels import ops
+import value_steer.kernels as ops
+from value_steer.core.modes import MODE_ABSTAIN, MODE_VFD
+from value_steer.core.row_table import RowTable
+from value_steer.core.value_head import ValueHead
 from value_steer.kernels.value_head import prepare_value_head_weights
-from value_steer.kernels.write_kv import kv_pointer_table, kv_views_cpu, kv_views_fa
-from value_steer.rows import MODE_ABSTAIN, MODE_VFD, RowTable
-from value_steer.value_head import ValueHead
+from value_steer.kernels.write_kv import kv_pointer_table
+from value_steer.patches.vllm_0_32.kv_layout import kv_views_cpu, kv_views_fa
 
 
 @pytest.fixture(params=["ext", "reference"])
@@ -23,7 +25,7 @@ def cpu_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     if request.param == "ext" and not value_steer.has_extension():
         pytest.skip("value_steer._C not built")
     if request.param == "reference":
-        monkeypatch.setattr(ops, "_ext", lambda: None)
+        monkeypatch.setattr(value_steer._ext, "extension", lambda: None)
     return request.param
 
 
@@ -103,7 +105,7 @@ def test_kernels_import_without_triton_or_vllm() -> None:
         "from value_steer.kernels import _triton_utils\n"
         "assert not _triton_utils.HAS_TRITON\n"
         "assert 'vllm' not in sys.modules\n"
-        "from value_steer.value_head import ValueHead\n"
+        "from value_steer.core.value_head import ValueHead\n"
         "h = ValueHead(16); x = torch.randn(3, 16)\n"
         "torch.testing.assert_close(K.value_head(x, *h.weights()), h.p(x), rtol=0, atol=1e-5)\n"
         "try:\n    K.value_head_triton(x, *h.weights())\nexcept RuntimeError as e:\n    assert 'triton' in str(e)\n"

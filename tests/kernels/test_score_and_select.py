@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import value_steer
-from value_steer.kernels import ops
+import value_steer.kernels as ops
+from value_steer.core.modes import MODE_ABSTAIN, MODE_OFF, MODE_VFD
+from value_steer.core.row_table import RowTable
 from value_steer.kernels.score_and_select import score_and_select_reference, score_and_select_triton
-from value_steer.rows import MODE_ABSTAIN, MODE_OFF, MODE_VFD, RowTable
 
 needs_ext = pytest.mark.skipif(not value_steer.has_extension(), reason="value_steer._C not built")
 NAN = float("nan")

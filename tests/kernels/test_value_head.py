@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import value_steer
-from value_steer.kernels import ops
+import value_steer.kernels as ops
+from value_steer.core.value_head import ValueHead, value_head_reference
 from value_steer.kernels.value_head import prepare_value_head_weights, value_head_triton
-from value_steer.value_head import ValueHead, value_head_reference
 
 needs_ext = pytest.mark.skipif(not value_steer.has_extension(), reason="value_steer._C not built")
 
@@ -164,7 +164,7 @@ def test_op_cpu_dispatch(use_ext: bool, monkeypatch: pytest.MonkeyPatch) -> None
     if use_ext and not value_steer.has_extension():
         pytest.skip("value_steer._C not built")
     if not use_ext:
-        monkeypatch.setattr(ops, "_ext", lambda: None)
+        monkeypatch.setattr(value_steer._ext, "extension", lambda: None)
     head = _head(4096)
     x = _x(1, 4096, torch.bfloat16)
     torch.testing.assert_close(ops.value_head(x, *head.weights()), head.p(x), rtol=0, atol=1e-5)

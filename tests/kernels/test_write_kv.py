@@ -13,18 +13,15 @@ import pytest
 import torch
 
 import value_steer
-from value_steer.kernels import ops
+import value_steer.kernels as ops
 from value_steer.kernels.write_kv import (
     copy_kv_slots_reference,
     copy_kv_slots_triton,
     kv_pointer_table,
-    kv_views_cpu,
-    kv_views_fa,
-    kv_views_fa_v019,
-    write_kv_fa2,
     write_kv_reference,
     write_kv_triton,
 )
+from value_steer.patches.vllm_0_32.kv_layout import kv_views_cpu, kv_views_fa, kv_views_fa_v019, write_kv_fa2
 
 needs_ext = pytest.mark.skipif(not value_steer.has_extension(), reason="value_steer._C not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -18,12 +18,12 @@ def test_static_contract_holds():
 
 
 def test_contract_detects_drift(monkeypatch):
-    from value_steer.patches import vllm_0_32
+    from value_steer.patches.vllm_0_32 import contract
 
-    monkeypatch.setattr(vllm_0_32, "CONTRACT", [*vllm_0_32.CONTRACT,
+    monkeypatch.setattr(contract, "CONTRACT", [*contract.CONTRACT,
                         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample", ("self", "no_such_param")),
                         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.gone_method", ())])
-    problems = vllm_0_32.check_contract()
+    problems = contract.check_contract()
     assert any("no_such_param" in p for p in problems)
     assert any("gone_method" in p for p in problems)
 
@@ -38,7 +38,7 @@ def test_unsupported_version_is_refused():
 @pytest.mark.slow
 def test_behavioral_cli():
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "value_steer.compat", "--behavioral"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "value_steer.offline.compat", "--behavioral"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "abstain fires: 2 tokens, finish=stop" in proc.stdout

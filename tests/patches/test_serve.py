@@ -24,8 +24,8 @@ def _free_port() -> int:
 
 
 def _serve_cmd(model, config: dict, port: int) -> list[str]:
-    return [sys.executable, "-m", "value_steer.vllm_cli", "serve", str(model),
-            "--worker-cls", "value_steer.worker.ValueSteerWorker", "--additional-config", json.dumps(config),
+    return [sys.executable, "-m", "value_steer.serving.launcher", "serve", str(model),
+            "--worker-cls", "value_steer.serving.worker.ValueSteerWorker", "--additional-config", json.dumps(config),
             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
             "--max-model-len", "256", "--max-num-seqs", "8", "--served-model-name", "tiny"]
 

@@ -24,7 +24,7 @@ BLOCK = 32
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from value_steer.models import make_tiny_llama
+    from value_steer.offline.models import make_tiny_llama
 
     # A larger init scale than the shared fixture's, so greedy text depends on context (it does not
     # repeat one token), and a wrong KV entry shows up in the tokens.
@@ -356,7 +356,7 @@ def test_unfilterable_requests_are_refused_not_served_unsteered(llm):
 def test_scratch_kv_is_taken_out_of_the_scheduler_budget(llm):
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    from value_steer.vfd import scratch_blocks_needed
+    from value_steer.core.vfd_math import scratch_blocks_needed
 
     def probe(w):
         runner = w.model_runner
@@ -377,7 +377,7 @@ def test_capture_records_the_winners_hidden_state(llm, head_path, capture_dir):
     import torch
     from safetensors.torch import load_file
 
-    from value_steer.checkpoint import load_value_head
+    from value_steer.core.checkpoint import load_value_head
 
     prompt = "a b c d e"
     n = 16

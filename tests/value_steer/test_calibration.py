@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from value_steer.calibration import (
+from value_steer.core.calibration import (
     calibration_record,
     conformal_quantile,
     conformal_rank,
@@ -19,9 +19,9 @@ from value_steer.calibration import (
     strictly_above,
     trajectory_scores,
 )
-from value_steer.checkpoint import load_value_head, save_value_head
-from value_steer.steering import force_eos
-from value_steer.value_head import ValueHead
+from value_steer.core.checkpoint import load_value_head, save_value_head
+from value_steer.core.selection import force_eos
+from value_steer.core.value_head import ValueHead
 
 # --------------------------------------------------------------------------------------------------
 # conformal_quantile: exact ranks

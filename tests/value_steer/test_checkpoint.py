@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from value_steer.checkpoint import (
+from value_steer.core.checkpoint import (
     CheckpointError,
     FeatureSpec,
     HeadCheckpoint,
@@ -19,7 +19,7 @@ from value_steer.checkpoint import (
     save_value_head,
     sidecar_path,
 )
-from value_steer.value_head import STATE_DICT_KEYS, ValueHead
+from value_steer.core.value_head import STATE_DICT_KEYS, ValueHead
 
 H = 8
 

@@ -11,15 +11,15 @@ import time
 
 import pytest
 
-from value_steer.checkpoint import load_value_head
-from value_steer.cli import build_parser, default_head_path, serve_argv
+from value_steer.core.checkpoint import load_value_head
+from value_steer.offline.cli import build_parser, default_head_path, serve_argv
 
 
 def test_committed_head_is_valid_and_calibrated():
     ckpt = load_value_head(default_head_path(), hidden_size=576)
     assert ckpt.threshold is not None and 0.0 < ckpt.threshold < 1.0
     assert ckpt.calibration is not None and ckpt.calibration["method"] == "split_conformal"
-    assert "python -m value_steer.pipeline" in ckpt.meta["command"]
+    assert "python -m value_steer.offline.pipeline" in ckpt.meta["command"]
 
 
 def test_serve_argv_puts_the_section_in_additional_config():
@@ -35,10 +35,10 @@ def test_operating_point_from_eval_is_the_serve_default(tmp_path):
 
     import torch
 
-    from value_steer.checkpoint import save_value_head
-    from value_steer.cli import vfd_operating_threshold
-    from value_steer.pipeline import record_operating_point
-    from value_steer.value_head import ValueHead
+    from value_steer.core.checkpoint import save_value_head
+    from value_steer.core.value_head import ValueHead
+    from value_steer.offline.cli import vfd_operating_threshold
+    from value_steer.offline.pipeline import record_operating_point
 
     torch.manual_seed(0)
     head = str(tmp_path / "h.safetensors")
@@ -74,7 +74,7 @@ def test_serve_answers_with_the_committed_head(tmp_path):
     log = tmp_path / "serve.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "value_steer.cli", "serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "value_steer.offline.cli", "serve", "--port", str(port),
                                  "--max-num-seqs", "4", "--max-model-len", "512"],
                                 env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from value_steer.config import (
-    ConfigError,
-    RequestArgError,
-    parse_additional_config,
-    parse_request_args,
-)
-from value_steer.rows import MODE_ABSTAIN, MODE_OFF, MODE_VFD
+from value_steer.core.config import ConfigError, RequestArgError, parse_additional_config, parse_request_args
+from value_steer.core.modes import MODE_ABSTAIN, MODE_OFF, MODE_VFD
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""value_steer.evaluate: the metrics and selection rule on synthetic responses, and ``value-steer eval
+"""value_steer.offline.evaluate: the metrics and selection rule on synthetic responses, and ``value-steer eval
 --quick`` end to end (real SmolLM2, committed head, vLLM CPU)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from value_steer.evaluate import (
+from value_steer.offline.evaluate import (
     EvalPlan,
     Response,
     choose_threshold,
@@ -104,7 +104,7 @@ def test_report_from_synthetic_results(tmp_path):
     assert saved["summary"]["4"]["within_budget_on_calibration"] is True
 
     # --render-only rebuilds the same report from the JSON.
-    from value_steer.evaluate import main
+    from value_steer.offline.evaluate import main
 
     saved["command"] = "value-steer eval --x"
     (tmp_path / "saved.json").write_text(json.dumps(saved))
@@ -140,7 +140,7 @@ def test_eval_quick_end_to_end(tmp_path):
     pytest.importorskip("vllm")
     out = tmp_path / "evaluation.md"
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}
-    proc = subprocess.run([sys.executable, "-m", "value_steer.cli", "eval", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "value_steer.offline.cli", "eval", "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = out.read_text()

@@ -1,4 +1,4 @@
-"""value_steer.models: the tiny random Llama for tests and the SmolLM2 preparation."""
+"""value_steer.offline.models: the tiny random Llama for tests and the SmolLM2 preparation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from value_steer import models
-from value_steer.models import TINY_BOS, TINY_EOS, TINY_PAD, TINY_UNK, make_tiny_llama, prepare_smollm2
+from value_steer.offline import models
+from value_steer.offline.assets import vllm_cpu_env
+from value_steer.offline.models import TINY_BOS, TINY_EOS, TINY_PAD, TINY_UNK, make_tiny_llama, prepare_smollm2
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,7 @@ def test_tiny_llama_generates_in_vllm(tiny_dir, tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, **models.VLLM_CPU_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    env = {**os.environ, **vllm_cpu_env(), "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
     script = tmp_path / "run_vllm.py"
     script.write_text(_VLLM_SCRIPT)
     proc = subprocess.run(
@@ -181,7 +182,7 @@ def test_tiny_llama_generates_in_vllm(tiny_dir, tmp_path):
 
 
 def test_data_dir_env_and_default(monkeypatch, tmp_path):
-    from value_steer.data_dir import data_dir
+    from value_steer.offline.data_dir import data_dir
 
     target = tmp_path / "custom" / "data"
     monkeypatch.setenv("VALUE_STEER_DATA_DIR", str(target))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from value_steer.rows import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_VFD, MODES, RowTable
+from value_steer.core.modes import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_VFD, MODES
+from value_steer.core.row_table import RowTable
 
 
 def test_constants() -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from value_steer.steering import ablate, add, force_eos, projection_cap, vfd_select
+from value_steer.core.activation import ablate, add, projection_cap
+from value_steer.core.selection import force_eos, vfd_select
 
 NAN = math.nan
 

@@ -13,19 +13,9 @@ import torch
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
-from value_steer.training import (
-    FeatureDataset,
-    FeatureFormatError,
-    TrainResult,
-    auroc,
-    focal_loss,
-    sequence_loss,
-    td_coherence,
-    train_value_head,
-    write_feature_shard,
-    write_labels,
-)
-from value_steer.value_head import ValueHead
+from value_steer.core.features import FeatureDataset, FeatureFormatError, write_feature_shard, write_labels
+from value_steer.core.value_head import ValueHead
+from value_steer.offline.training import TrainResult, auroc, focal_loss, sequence_loss, td_coherence, train_value_head
 
 
 @pytest.fixture(autouse=True)
@@ -366,7 +356,7 @@ def test_training_is_deterministic_and_leaves_global_rng_alone() -> None:
 
 
 def test_early_stopping_restores_best(monkeypatch: pytest.MonkeyPatch) -> None:
-    import value_steer.training as tr
+    import value_steer.offline.training as tr
 
     ds = FeatureDataset.from_arrays(*_planted(n_seq=60, h=8, seed=5))
     losses = iter([0.9, 0.5, 0.6, 0.7, 0.4, 0.3])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from value_steer.value_head import (
+from value_steer.core.value_head import (
     STATE_DICT_KEYS,
     ValueHead,
     expected_shapes,

@@ -1,4 +1,4 @@
-"""The pure parts of value-filtered decoding (``value_steer.vfd``): no vLLM."""
+"""The pure parts of value-filtered decoding (``value_steer.core.vfd_math``): no vLLM."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import random
 import pytest
 import torch
 
-from value_steer.vfd import (
-    Candidates,
-    ScratchAllocator,
-    ScratchExhausted,
-    VFDRequestState,
+from value_steer.core.vfd_math import (
     candidate_block_row,
     candidate_logprobs,
     commit_slots,
@@ -21,6 +17,7 @@ from value_steer.vfd import (
     scratch_blocks_needed,
     slot_of,
 )
+from value_steer.runtime.vfd_state import Candidates, ScratchAllocator, ScratchExhausted, VFDRequestState
 
 NEG = float("-inf")
 

@@ -1,12 +1,12 @@
-"""value_steer.tasks.sentiment: the VADER judge and the prompt splits."""
+"""value_steer.offline.tasks.sentiment: the VADER judge and the prompt splits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from value_steer.tasks import SPLITS, get_task
-from value_steer.tasks import sentiment as S
+from value_steer.offline.tasks import SPLITS, get_task
+from value_steer.offline.tasks import sentiment as S
 
 
 def test_judge_polarity():

@@ -1,0 +1,169 @@
+"""``SteeringRunnerMixin``: abstention and capture in front of vLLM 0.32's V1 model runner.
+
+The hooks: ``execute_model`` (request lifecycle from the scheduler output, then the batch-slot tables
+when the batch composition changed, then the staged table writes: all lifecycle work, none per steady
+step) and ``_sample`` (vLLM's sampler, then the abstention step over the sampled tokens, capture).
+The per-step rows come from vLLM's numpy batch arrays, vectorised; the one host->device copy per step
+is the row index (``SteeringState.upload_step_rows``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from value_steer.core.config import RequestArgError
+from value_steer.core.modes import MODE_ABSTAIN
+
+logger = logging.getLogger("value_steer")
+
+
+def client_request_id(internal_id: str) -> str:
+    """The client's request id of a vLLM 0.32 internal id (vLLM appends ``-<hex>`` to client ids)."""
+    return internal_id.rsplit("-", 1)[0]
+
+
+def request_id_matches(internal_id: str, client_id: str) -> bool:
+    """Whether vLLM's ``internal_id`` belongs to the client's ``client_id`` (exact, or with vLLM's suffix)."""
+    return internal_id == client_id or internal_id.startswith(client_id + "-")
+
+
+class SteeringRunnerMixin:
+    """Mixed in front of the platform's V1 runner. The steering state is attached as ``_vs_state``."""
+
+    _vs_state: Any = None
+    _vs_capture: Any = None
+    _vs_step: dict[str, Any] | None = None
+    # Batch rows whose capture a runner mixin writes itself this step (VFD: the winner, not the row).
+    _vs_capture_elsewhere: np.ndarray | None = None
+    _vs_warned_logprobs_mode = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def _vs_sync_requests(self, scheduler_output: Any) -> None:
+        st = self._vs_state
+        for req_id in scheduler_output.finished_req_ids:
+            st.finish_request(req_id)
+        for new in scheduler_output.scheduled_new_reqs:
+            sp = new.sampling_params
+            if sp is None:  # pooling request
+                continue
+            try:
+                st.add_request(new.req_id, sp.extra_args, sp.eos_token_id, sp.ignore_eos, sp.min_tokens,
+                               sp.logprobs is not None)
+            except RequestArgError as exc:
+                # Requests are validated in the API process (RequestArgsValidator -> HTTP 400); one that got
+                # here unvalidated (validator not installed) must not take the engine down.
+                logger.error("value_steer: request %s has invalid extra_args (%s); serving it unsteered",
+                             new.req_id, exc)
+                st.add_unsteered(new.req_id, str(exc))
+
+    def _vs_begin_step(self) -> None:
+        """The batch order of this step is final: refresh the slot tables if it changed, flush staged writes."""
+        ib = self.input_batch  # type: ignore[attr-defined]
+        st = self._vs_state
+        st.update_batch(ib.req_ids[: ib.num_reqs])
+        st.flush()
+
+    def execute_model(self, scheduler_output: Any, intermediate_tensors: Any = None) -> Any:
+        if self._vs_state is not None:
+            self._vs_sync_requests(scheduler_output)
+        out = super().execute_model(scheduler_output, intermediate_tensors)  # type: ignore[misc]
+        state = getattr(self, "execute_model_state", None)
+        self._vs_step = None
+        if self._vs_state is not None and state is not None and state.sample_hidden_states is not None:
+            self._vs_begin_step()
+            self._vs_step = {"hidden": state.sample_hidden_states}
+        return out
+
+    # ---- the per-step decision ---------------------------------------------------------------------
+    def _vs_decode_rows(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """``(n, is_decode [n], positions [n], rows [n])`` in batch order, vectorised over vLLM's arrays.
+
+        ``rows[i]`` is the steering row of a request that is decoding and past its ``min_tokens`` (forcing
+        EOS earlier would violate min_tokens: vLLM checks EOS first), else 0.
+        """
+        ib = self.input_batch  # type: ignore[attr-defined]
+        st = self._vs_state
+        n = ib.num_reqs
+        computed = ib.num_computed_tokens_cpu[:n]
+        prompt = ib.num_prompt_tokens[:n]
+        is_decode = computed >= prompt
+        num_output = ib.num_tokens_no_spec[:n] - prompt
+        rows = np.where(is_decode & (num_output >= st.slot_min_tokens[:n]), st.slot_row[:n], 0).astype(np.int32)
+        return n, is_decode, computed.copy(), rows
+
+    def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
+        st = self._vs_state
+        step = self._vs_step
+        if st is None or step is None or logits is None or spec_decode_metadata is not None:
+            self._vs_step = None
+            return super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
+        n, is_decode, positions, rows = self._vs_decode_rows()
+        abstain = st.config.mode == MODE_ABSTAIN and bool(rows.any())
+        keep_raw = None
+        if abstain and self.input_batch.sampling_metadata.max_num_logprobs is not None:  # type: ignore[attr-defined]
+            # A forced EOS must come back with its own logprob: keep the raw logits of the scored rows that
+            # asked for logprobs (the sampler may scale logits in place). Steps where nobody asked skip this.
+            want = np.flatnonzero(st.slot_logprobs[:n] & (rows > 0))
+            if want.size:
+                idx = torch.from_numpy(want).to(logits.device, non_blocking=True)
+                keep_raw = (idx, logits.index_select(0, idx).float())
+        out = super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
+        self._vs_step = None
+        hidden = step["hidden"][:n]
+        if self._vs_capture is not None and st.any_capture:
+            self._vs_capture_rows(is_decode, positions, hidden)
+        if abstain:
+            row_idx = st.upload_step_rows(rows)
+            eos = st.slot_eos.device[:n]
+            _, force = st.abstain(hidden, row_idx, out.sampled_token_ids, eos)
+            if keep_raw is not None and out.logprobs_tensors is not None:
+                self._vs_forced_eos_logprobs(out.logprobs_tensors, force, eos, *keep_raw)
+        return out
+
+    def _vs_forced_eos_logprobs(self, lpt: Any, force: torch.Tensor, eos: torch.Tensor, idx: torch.Tensor,
+                                raw: torch.Tensor) -> None:
+        """Report a forced EOS (not the sample it replaced) in its row's logprobs, from the raw logits.
+
+        Vectorised over the rows that asked for logprobs; rows not forced keep what the sampler wrote.
+        """
+        mode = getattr(getattr(self, "sampler", None), "logprobs_mode", "raw_logprobs")
+        if mode not in ("raw_logprobs", "raw_logits") and not self._vs_warned_logprobs_mode:
+            self._vs_warned_logprobs_mode = True
+            logger.warning("value_steer: forced-EOS logprobs are reported as logprobs of the raw logits "
+                           "(logprobs mode %s)", mode)
+        dist = raw if mode == "raw_logits" else raw.log_softmax(dim=-1)
+        eos_i = eos.index_select(0, idx)
+        eos_lp = dist.gather(1, eos_i.unsqueeze(1)).squeeze(1)
+        rank = (dist >= eos_lp.unsqueeze(1)).sum(dim=1)
+        forced = force.index_select(0, idx)
+        ids0 = lpt.logprob_token_ids[:, 0]
+        lp0 = lpt.logprobs[:, 0]
+        ids0.index_copy_(0, idx, torch.where(forced, eos_i.to(ids0.dtype), ids0.index_select(0, idx)))
+        lp0.index_copy_(0, idx, torch.where(forced, eos_lp.to(lp0.dtype), lp0.index_select(0, idx)))
+        ranks = lpt.selected_token_ranks
+        ranks.index_copy_(0, idx, torch.where(forced, rank.to(ranks.dtype), ranks.index_select(0, idx)))
+
+    def _vs_capture_rows(self, is_decode: np.ndarray | None, positions: np.ndarray, hidden: torch.Tensor,
+                         batch_rows: np.ndarray | None = None) -> None:
+        """Capture ``hidden[j]`` (the state after the token at ``positions[j]``) of capturing requests.
+
+        ``batch_rows[j]`` is the batch index of ``hidden[j]`` (default: ``j``). Offline capture only.
+        """
+        st = self._vs_state
+        ib = self.input_batch  # type: ignore[attr-defined]
+        b = np.arange(hidden.shape[0]) if batch_rows is None else batch_rows
+        keep = st.slot_capture[b].copy()
+        if is_decode is not None:
+            keep &= is_decode
+        if self._vs_capture_elsewhere is not None and batch_rows is None:
+            keep &= ~self._vs_capture_elsewhere[b]
+        sel = np.flatnonzero(keep)
+        if sel.size:
+            idx = torch.from_numpy(sel).to(hidden.device)
+            req_ids = ib.req_ids
+            self._vs_capture.add([req_ids[int(b[j])] for j in sel], positions[sel].tolist(),
+                                 hidden.index_select(0, idx))

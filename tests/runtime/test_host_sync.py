@@ -1,0 +1,108 @@
+"""Host synchronisation budget of a steady steered step (the runtime's hot path), measured on ``meta``.
+
+Budgets (documented in ``value_steer.runtime.state``): a steady abstention step makes ONE host->device
+copy (the per-request row index, non-blocking from a pinned buffer) and nothing that blocks the host:
+no device->host read, no scalar read, no data-dependent shape, no list-to-device construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from value_steer.core.checkpoint import save_value_head
+from value_steer.core.config import parse_additional_config
+from value_steer.core.value_head import ValueHead
+from value_steer.runtime.state import SteeringState
+
+H = 16
+META = torch.device("meta")
+
+
+@pytest.fixture
+def head_path(tmp_path) -> str:
+    torch.manual_seed(0)
+    path = tmp_path / "head.safetensors"
+    save_value_head(str(path), ValueHead(H), threshold=0.5)
+    return str(path)
+
+
+def _state(head_path: str, mode: str, device: torch.device, **section) -> SteeringState:
+    cfg = parse_additional_config({mode: {"value_head_path": head_path, **section}})
+    return SteeringState(cfg, hidden_size=H, max_num_seqs=8, device=device, max_batch_slots=8)
+
+
+def _admit(state: SteeringState) -> list[str]:
+    ids = ["a", "b", "c", "d"]
+    state.add_request("a", None, 2, False)
+    state.add_request("b", {"value_steer": False}, 2, False)
+    state.add_request("c", {"threshold": 0.3}, 2, False, min_tokens=4)
+    state.add_request("d", None, 2, False)
+    state.update_batch(ids)
+    state.flush()
+    return ids
+
+
+def test_steady_abstention_step_budget(head_path, sync_counter):
+    state = _state(head_path, "abstain", META)
+    _admit(state)
+    n = 4
+    hidden = torch.empty((n, H), device=META)
+    sampled = torch.empty((n, 1), dtype=torch.int32, device=META)
+    num_output = np.array([5, 5, 2, 5])
+    with sync_counter() as c:
+        state.update_batch(["a", "b", "c", "d"])  # steady: unchanged batch
+        state.flush()
+        rows = np.where(num_output >= state.slot_min_tokens[:n], state.slot_row[:n], 0).astype(np.int32)
+        row_idx = state.upload_step_rows(rows)
+        state.abstain(hidden, row_idx, sampled, state.slot_eos.device[:n])
+    assert c.blocking == 0, c.log
+    assert c.counts["list_to_device"] == 0, c.log
+    assert c.counts["h2d"] == 1, c.log
+
+
+def test_lifecycle_step_flushes_once(head_path, sync_counter):
+    """Admitting requests stages host writes; the step that follows publishes them in a few bulk copies."""
+    state = _state(head_path, "abstain", META)
+    _admit(state)
+    with sync_counter() as c:
+        state.add_request("e", None, 2, False)
+        state.finish_request("a")
+        state.update_batch(["e", "b", "c", "d"])
+        state.flush()
+    assert c.blocking == 0, c.log
+    # Row table (4 columns) + the stats reset index + the slot EOS table: bulk copies, not per element.
+    assert c.counts["h2d"] <= 6, c.log
+
+
+def test_counter_sees_syncs(sync_counter):
+    """The counter is not vacuous: each kind of sync is seen."""
+    x = torch.zeros(4, device=META)
+    with sync_counter() as c:
+        torch.arange(4).to(META)
+        torch.tensor([1, 2], device=META)
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            x.sum().item()
+        with pytest.raises(NotImplementedError):
+            x[x > 0]
+    assert c.counts["h2d"] == 1 and c.counts["list_to_device"] == 1
+    assert c.counts["scalar"] == 1 and c.counts["data_dependent"] == 1
+
+
+def test_abstention_on_cpu_matches_meta_plan(head_path):
+    """The same step on CPU computes real values: stats accumulate on the device and read back once."""
+    state = _state(head_path, "abstain", torch.device("cpu"), threshold=0.0)
+    _admit(state)
+    n = 4
+    hidden = torch.randn(n, H)
+    sampled = torch.full((n, 1), 7, dtype=torch.int32)
+    rows = np.where(np.array([5, 5, 2, 5]) >= state.slot_min_tokens[:n], state.slot_row[:n], 0).astype(np.int32)
+    _, force = state.abstain(hidden, state.upload_step_rows(rows), sampled, state.slot_eos.device[:n])
+    # Threshold 0: every scored row crosses; "b" is off and "c" is under min_tokens.
+    assert force.tolist() == [True, False, False, True]
+    assert sampled[:, 0].tolist() == [2, 7, 7, 2]
+    a, b = state.stats_for("a"), state.stats_for("b")
+    assert a["num_scored"] == 1 and a["forced_eos"] and a["num_interventions"] == 1
+    assert b["num_scored"] == 0 and b["last_value"] is None
+    assert state.counters_dict()["forced_eos"] == 2

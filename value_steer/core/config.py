@@ -1,0 +1,271 @@
+"""The ``--additional-config`` schema and per-request overrides (``SamplingParams.extra_args``).
+
+Server config (one section, never both)::
+
+    {"vfd":     {"value_head_path": "...", "threshold": 0.3, "num_candidates": 4,
+                 "direction": "above", "enabled_by_default": true}}
+    {"abstain": {"value_head_path": "...", "threshold": 0.3, "direction": "above",
+                 "enabled_by_default": true}}
+
+plus an optional ``{"capture": {"dir": "...", "enabled_by_default": false}}`` section (decode-matched
+hidden-state capture). Every violation raises :class:`ConfigError` naming the field and the allowed
+values; the worker raises it at start-up, so a bad config never reaches the first request.
+
+Per request (OpenAI ``vllm_xargs`` / ``SamplingParams.extra_args``): ``value_steer`` (on/off),
+``threshold`` (float in [0, 1]), ``num_candidates`` (int, 1..configured K). A bad value raises
+:class:`RequestArgError` (a ``ValueError``: the OpenAI server answers 400).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from value_steer.core.modes import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_VFD
+
+MAX_NUM_CANDIDATES = 64
+DEFAULT_NUM_CANDIDATES = 4
+STEER_SECTIONS = ("vfd", "abstain")
+TOP_LEVEL_KEYS = (*STEER_SECTIONS, "capture")
+_SECTION_KEYS = {
+    "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default"),
+    "abstain": ("value_head_path", "threshold", "direction", "enabled_by_default"),
+    "capture": ("dir", "enabled_by_default"),
+}
+REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture")
+
+
+class ConfigError(ValueError):
+    """Invalid ``--additional-config`` for value_steer (raised at start-up)."""
+
+
+class RequestArgError(ValueError):
+    """Invalid per-request ``extra_args`` (the server answers HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Decode-matched capture: write every generated token's scored hidden state under ``dir``."""
+
+    dir: str
+    enabled_by_default: bool = False
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """Resolved server-side steering config.
+
+    mode: ``MODE_VFD`` / ``MODE_ABSTAIN`` / ``MODE_OFF`` (no steering section: capture only or plain).
+    threshold: None means "take the sidecar's" (resolved when the head is loaded).
+    """
+
+    mode: int
+    value_head_path: str | None = None
+    threshold: float | None = None
+    num_candidates: int = 1
+    direction: str = "above"
+    enabled_by_default: bool = True
+    capture: CaptureConfig | None = None
+
+    @property
+    def sign(self) -> float:
+        return DIRECTION_SIGN[self.direction]
+
+    @property
+    def section(self) -> str:
+        return {MODE_VFD: "vfd", MODE_ABSTAIN: "abstain", MODE_OFF: "none"}[self.mode]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_threshold(value: Any, field: str, err: type[ValueError]) -> float:
+    if not _is_number(value) or not math.isfinite(float(value)) or not 0.0 <= float(value) <= 1.0:
+        raise err(f"{field} must be a number in [0, 1] (a value-head probability), got {value!r}")
+    return float(value)
+
+
+def _check_bool(value: Any, field: str, err: type[ValueError]) -> bool:
+    if not isinstance(value, bool):
+        raise err(f"{field} must be true or false, got {value!r}")
+    return value
+
+
+def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = True) -> SteerConfig:
+    """Validate vLLM's ``additional_config`` dict and return the resolved :class:`SteerConfig`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"additional_config must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"additional_config: unknown key(s) {unknown}; allowed: {list(TOP_LEVEL_KEYS)} "
+            "(value_steer owns additional_config when its worker is used)"
+        )
+    present = [s for s in STEER_SECTIONS if s in raw]
+    if len(present) > 1:
+        raise ConfigError("additional_config: 'vfd' and 'abstain' are exclusive; give one of them")
+    capture = _parse_capture(raw["capture"]) if "capture" in raw else None
+    if not present:
+        return SteerConfig(mode=MODE_OFF, capture=capture, enabled_by_default=False)
+    name = present[0]
+    sec = raw[name]
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{name} must be a JSON object, got {type(sec).__name__}")
+    allowed = _SECTION_KEYS[name]
+    bad = sorted(set(sec) - set(allowed))
+    if bad:
+        raise ConfigError(f"{name}: unknown key(s) {bad}; allowed: {list(allowed)}")
+    if "value_head_path" not in sec:
+        raise ConfigError(f"{name}.value_head_path is required (path to a value-head checkpoint)")
+    path = sec["value_head_path"]
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{name}.value_head_path must be a non-empty string, got {path!r}")
+    path = os.path.expanduser(path)
+    if check_files and not os.path.isfile(path):
+        raise ConfigError(f"{name}.value_head_path: no such file: {path}")
+    threshold = None
+    if sec.get("threshold") is not None:
+        threshold = _check_threshold(sec["threshold"], f"{name}.threshold", ConfigError)
+    direction = sec.get("direction", "above")
+    if direction not in DIRECTION_SIGN:
+        raise ConfigError(f"{name}.direction must be one of {list(DIRECTION_SIGN)}, got {direction!r}")
+    enabled = _check_bool(sec.get("enabled_by_default", True), f"{name}.enabled_by_default", ConfigError)
+    k = 1
+    if name == "vfd":
+        k = sec.get("num_candidates", DEFAULT_NUM_CANDIDATES)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_NUM_CANDIDATES:
+            raise ConfigError(f"vfd.num_candidates must be an integer in [1, {MAX_NUM_CANDIDATES}], got {k!r}")
+    return SteerConfig(
+        mode=MODE_VFD if name == "vfd" else MODE_ABSTAIN,
+        value_head_path=path,
+        threshold=threshold,
+        num_candidates=k,
+        direction=direction,
+        enabled_by_default=enabled,
+        capture=capture,
+    )
+
+
+def _parse_capture(sec: Any) -> CaptureConfig:
+    if not isinstance(sec, dict):
+        raise ConfigError(f"capture must be a JSON object, got {type(sec).__name__}")
+    bad = sorted(set(sec) - set(_SECTION_KEYS["capture"]))
+    if bad:
+        raise ConfigError(f"capture: unknown key(s) {bad}; allowed: {list(_SECTION_KEYS['capture'])}")
+    d = sec.get("dir")
+    if not isinstance(d, str) or not d:
+        raise ConfigError(f"capture.dir must be a non-empty string (output directory), got {d!r}")
+    enabled = _check_bool(sec.get("enabled_by_default", False), "capture.enabled_by_default", ConfigError)
+    return CaptureConfig(dir=os.path.expanduser(d), enabled_by_default=enabled)
+
+
+@dataclass(frozen=True)
+class RequestSteer:
+    """What one request asks for, resolved against the server config.
+
+    mode: ``MODE_OFF`` when the request (or the default) turns steering off.
+    """
+
+    mode: int
+    threshold: float
+    sign: float
+    num_candidates: int
+    capture: bool = False
+
+
+_TRUE = {"on", "true", "1", "yes"}
+_FALSE = {"off", "false", "0", "no"}
+
+
+def _parse_switch(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise RequestArgError(f"{field} must be true/false (or 'on'/'off', 1/0), got {value!r}")
+
+
+def _coerce_number(value: Any, field: str) -> float:
+    # vllm_xargs values may arrive as strings from some clients.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise RequestArgError(f"{field} must be a number, got {value!r}") from None
+    if not _is_number(value):
+        raise RequestArgError(f"{field} must be a number, got {value!r}")
+    return float(value)
+
+
+def parse_request_args(
+    extra_args: dict[str, Any] | None, cfg: SteerConfig, default_threshold: float
+) -> RequestSteer:
+    """Resolve one request's ``extra_args`` against the server config.
+
+    Args:
+        extra_args: ``SamplingParams.extra_args`` (may hold other plugins' keys: only ours are read).
+        cfg: the server's :class:`SteerConfig`.
+        default_threshold: the server threshold (config value, else the head sidecar's).
+    Raises:
+        RequestArgError: naming the field and the allowed values.
+    """
+    args = extra_args or {}
+    if not isinstance(args, dict):
+        raise RequestArgError(f"extra_args must be an object, got {type(args).__name__}")
+    steering_configured = cfg.mode != MODE_OFF
+    on = cfg.enabled_by_default and steering_configured
+    if "value_steer" in args:
+        on = _parse_switch(args["value_steer"], "value_steer")
+        if on and not steering_configured:
+            raise RequestArgError(
+                "value_steer=true, but the server has no 'vfd' or 'abstain' section in --additional-config"
+            )
+    threshold = default_threshold
+    if args.get("threshold") is not None:
+        t = _coerce_number(args["threshold"], "threshold")
+        threshold = _check_threshold(t, "threshold", RequestArgError)
+    k = cfg.num_candidates
+    if args.get("num_candidates") is not None:
+        if cfg.mode != MODE_VFD:
+            raise RequestArgError("num_candidates is only valid when the server runs 'vfd'")
+        kv = _coerce_number(args["num_candidates"], "num_candidates")
+        if kv != int(kv) or not 1 <= int(kv) <= cfg.num_candidates:
+            raise RequestArgError(
+                f"num_candidates must be an integer in [1, {cfg.num_candidates}] (the server's vfd.num_candidates), "
+                f"got {args['num_candidates']!r}"
+            )
+        k = int(kv)
+    capture = cfg.capture.enabled_by_default if cfg.capture else False
+    if "value_steer_capture" in args:
+        capture = _parse_switch(args["value_steer_capture"], "value_steer_capture")
+        if capture and cfg.capture is None:
+            raise RequestArgError("value_steer_capture=true, but the server has no 'capture' section")
+    return RequestSteer(
+        mode=cfg.mode if on else MODE_OFF,
+        threshold=threshold,
+        sign=cfg.sign,
+        num_candidates=k if on else 1,
+        capture=capture,
+    )
+
+
+def vfd_unsupported_reason(sampling_params: Any) -> str | None:
+    """Why a request cannot be value-filtered (None if it can). One home for the validator and the runner.
+
+    Reads public ``SamplingParams`` fields only (``structured_outputs``, ``logprobs``, ``logprob_token_ids``).
+    """
+    if getattr(sampling_params, "structured_outputs", None) is not None:
+        return "structured outputs"
+    lp = getattr(sampling_params, "logprobs", None)
+    if lp is not None and lp < 0:
+        return "logprobs=-1 (full vocabulary)"
+    if getattr(sampling_params, "logprob_token_ids", None):
+        return "logprob_token_ids"
+    return None

