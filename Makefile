@@ -12,18 +12,15 @@ STAMP    := $(VENV)/.value-steer-installed
 DATA_DIR ?= $(CURDIR)/.data
 PORT     ?= 8000
 
+# vLLM's CPU environment (offline, thread binding, KV size per use) has one home:
+# value_steer/offline/assets.py (the CLI, the tests and the benchmarks apply it).
 export VLLM_TARGET_DEVICE     := cpu
-export HF_HUB_OFFLINE         := 1
-export TRANSFORMERS_OFFLINE   := 1
 export VALUE_STEER_DATA_DIR   := $(DATA_DIR)
 export VLLM_CACHE_ROOT        := $(DATA_DIR)/vllm-cache
-export VLLM_CPU_KVCACHE_SPACE ?= 2
-export VLLM_CPU_OMP_THREADS_BIND ?= 0-$(shell expr $$(nproc) - 1)
-export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
-export VLLM_NO_USAGE_STATS    := 1
-export DO_NOT_TRACK           := 1
+# Kernels run under the Triton interpreter where there is no CUDA device (tests/conftest.py does the same).
+TRITON_ENV = TRITON_INTERPRET=$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")
 
-.PHONY: install test lint serve bench clean ext
+.PHONY: install test test-fast lint serve bench clean ext
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,15 +47,21 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The full suite (what CI runs): unit tests, real vLLM engines and servers on CPU, eval --quick.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	VLLM_DISABLE_COMPILE_CACHE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	VLLM_DISABLE_COMPILE_CACHE=1 $(TRITON_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The edit loop (< 1 min): core, kernels, runtime and the layering rules; no engine starts.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(TRITON_ENV) $(PY) -m pytest -q tests/core tests/kernels tests/runtime tests/test_layering.py $(PYTEST_ARGS)
 
 serve: $(STAMP)
 	$(PY) -m value_steer.offline.cli serve --port $(PORT)
 
 bench: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) benchmarks/run_all.py
+	$(TRITON_ENV) $(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf build *.egg-info value_steer/_C*.so

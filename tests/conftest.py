@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Before any triton/vllm import: kernels run under the Triton interpreter on CPU-only machines,
 # vLLM runs its CPU platform offline.
@@ -33,3 +34,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def device() -> torch.device:
     """The device kernels run on: CUDA when present, else CPU (Triton interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with an offline tokenizer (shared by every engine test of the session)."""
+    from value_steer.offline.models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden_size=64, num_heads=2,
+                           num_kv_heads=1, num_layers=2, seed=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.patches.conftest import TINY_HIDDEN, make_llm, write_constant_head
+from tests.helpers import TINY_HIDDEN, make_llm, write_constant_head
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.patches.conftest import make_llm
+from tests.helpers import make_llm
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

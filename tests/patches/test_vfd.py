@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from tests.patches.conftest import TINY_HIDDEN, make_llm, write_random_head
+from tests.helpers import TINY_HIDDEN, make_llm, write_random_head
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -7,11 +7,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.patches.conftest import TINY_HIDDEN, write_constant_head, write_random_head
+from tests.helpers import TINY_HIDDEN, wait_healthy, write_constant_head, write_random_head
 
 requests = pytest.importorskip("requests")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -42,19 +41,10 @@ def _start(model, config: dict, tmp_path_factory):
     with open(log, "w") as f:
         proc = subprocess.Popen(_serve_cmd(model, config, port), env=_env(), stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become healthy:\n{log.read_text()[-4000:]}")
+    try:
+        wait_healthy(proc, url, log, timeout_s=240)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     return proc, url
 
 

@@ -7,10 +7,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
+from tests.helpers import wait_healthy
 from value_steer.core.checkpoint import load_value_head
 from value_steer.offline.cli import build_parser, default_head_path, serve_argv
 
@@ -79,17 +79,10 @@ def test_serve_answers_with_the_committed_head(tmp_path):
                                 env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("value-steer serve did not become healthy:\n" + log.read_text()[-4000:])
+        try:
+            wait_healthy(proc, url, log)
+        except RuntimeError as exc:
+            pytest.fail(f"value-steer serve: {exc}")
         model = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         r = requests.post(url + "/v1/chat/completions", timeout=120, json={
             "model": model, "max_tokens": 8, "temperature": 0.8, "seed": 1,
