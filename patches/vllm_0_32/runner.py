@@ -1,8 +1,9 @@
 """``SteeringRunnerMixin``: abstention and capture in front of vLLM 0.32's V1 model runner.
 
-The hooks: ``execute_model`` (request lifecycle from the scheduler output, then the batch-slot tables
-when the batch composition changed, then the staged table writes: all lifecycle work, none per steady
-step) and ``_sample`` (vLLM's sampler, then the abstention step over the sampled tokens, capture).
+The hooks: ``execute_model`` (request lifecycle from the scheduler output), ``_update_states`` (after
+vLLM's batch update: the batch-slot tables when the batch composition changed, then the staged table
+writes; all lifecycle work, none per steady step) and ``_sample`` (vLLM's sampler, then the abstention
+step over the sampled tokens, capture).
 The per-step rows come from vLLM's numpy batch arrays, vectorised; the one host->device copy per step
 is the row index (``SteeringState.upload_step_rows``).
 """
@@ -61,11 +62,18 @@ class SteeringRunnerMixin:
                 st.add_unsteered(new.req_id, str(exc))
 
     def _vs_begin_step(self) -> None:
-        """The batch order of this step is final: refresh the slot tables if it changed, flush staged writes."""
+        """After vLLM's batch update (``_update_states``): refresh the slot tables if the batch composition
+        changed, and flush the staged table writes (both no-ops on a steady step)."""
         ib = self.input_batch  # type: ignore[attr-defined]
         st = self._vs_state
         st.update_batch(ib.req_ids[: ib.num_reqs])
         st.flush()
+
+    def _update_states(self, scheduler_output: Any) -> Any:
+        out = super()._update_states(scheduler_output)  # type: ignore[misc]
+        if self._vs_state is not None:
+            self._vs_begin_step()
+        return out
 
     def execute_model(self, scheduler_output: Any, intermediate_tensors: Any = None) -> Any:
         if self._vs_state is not None:
@@ -74,7 +82,6 @@ class SteeringRunnerMixin:
         state = getattr(self, "execute_model_state", None)
         self._vs_step = None
         if self._vs_state is not None and state is not None and state.sample_hidden_states is not None:
-            self._vs_begin_step()
             self._vs_step = {"hidden": state.sample_hidden_states}
         return out
 

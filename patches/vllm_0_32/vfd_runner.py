@@ -8,19 +8,26 @@ is in docs/vfd-design.md and the pure parts are in ``value_steer.core.vfd_math``
   rows. The shared config is never mutated.
 - ``initialize_kv_cache``: the runner's private ``kv_cache_config`` copy grows by
   ``K * max_num_seqs + K`` scratch blocks. The scheduler never hands out ids ``>= num_blocks``.
-- ``_update_states``: drops the VFD state of finished, unscheduled (preempted) and resumed requests.
-- ``_prepare_inputs`` (post-prepare rewrite, internals memo §3.3): for each steered decode row whose
-  last token was last step's VFD winner, commit that token's KV (scratch -> real slot and sibling
-  scratch blocks), put candidate 0 at ``C+1`` in the row, and append ``K-1`` one-token sequences for
-  the other candidates. ``_determine_batch_execution_and_padding``, ``_get_slot_mappings``,
-  ``_build_attention_metadata``, ``_prepare_padding_mask`` and ``_preprocess`` are widened by the
-  extra tokens and sequences.
-- ``execute_model``: after the forward, gathers the candidates' hidden states and restores the
-  block table rows it borrowed.
+- ``execute_model`` (start): ends the pipelines of finished, unscheduled (preempted) and resumed requests.
+- ``_prepare_inputs`` (post-prepare rewrite, docs/vllm-0.32-internals.md §3.3): for every steered decode
+  row whose last token was last step's VFD winner (vectorised over the batch), commit that token's KV
+  (scratch -> real slot and sibling scratch blocks), put candidate 0 at ``C+1`` in the row, and append
+  ``K-1`` one-token sequences for the other candidates: numpy over vLLM's host buffers, then ONE
+  host->device copy of every index the step's device writes need.
+  ``_determine_batch_execution_and_padding``, ``_get_slot_mappings``, ``_build_attention_metadata``,
+  ``_prepare_padding_mask`` and ``_preprocess`` are widened by the extra tokens and sequences.
+- ``execute_model`` (end): gathers the candidates' hidden states and restores the block table rows it
+  borrowed.
 - ``_sample``: runs the first-token forward (requests with no candidates yet), scores all
   candidates (fused value head + ``score_and_select``), replaces each steered row's logits with the
   winner's, lets vLLM's sampler draw candidate 0 of the next step, draws the other candidates, and
   outputs the winner token with the logprobs of the distribution it was drawn from.
+
+Per-request pipeline state lives in :class:`~value_steer.runtime.vfd_state.VFDPipelines` (tables indexed by
+steering row; the pending candidates stay on the device). A steady step (no first-token rows, no request
+asking for logprobs, no debug) reads the device once: the winners ``[2, R]``, which vLLM's host-side
+output lists need anyway. First-token steps (a request's first token, or after a preemption) are
+lifecycle steps and may read more.
 """
 
 from __future__ import annotations
@@ -28,26 +35,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import operator
 import os
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from value_steer.core.config import parse_additional_config, vfd_unsupported_reason
+from value_steer.core.config import parse_additional_config
 from value_steer.core.modes import MODE_VFD
 from value_steer.core.vfd_math import (
     candidate_block_row,
     candidate_logprobs,
-    commit_slots,
     draw_candidates,
     mirror_slots,
     runner_capacity,
     scratch_blocks_needed,
     slot_of,
 )
-from value_steer.runtime.vfd_state import Candidates, ScratchAllocator, VFDRequestState
+from value_steer.runtime.staging import PackedStaging
+from value_steer.runtime.vfd_state import ScratchAllocator, SteadyLayout, VFDPipelines
+from value_steer.runtime.vfd_step import advance, select_winners
 
 logger = logging.getLogger("value_steer")
 
@@ -58,35 +68,28 @@ _SAMPLING_EPS = 1e-5
 
 
 @dataclass
-class _SteadyRow:
-    batch_row: int
-    req_id: str
-    state: VFDRequestState
-    position: int  # position of the candidates (C + 1)
-    hidden_rows: list[int] = field(default_factory=list)  # token indices of the candidates in this forward
-
-
-@dataclass
-class _FirstRow:
-    batch_row: int
-    req_id: str
-    state: VFDRequestState
-    position: int  # position of the token sampled this step
-
-
-@dataclass
 class _StepPlan:
-    """One step's VFD work, built in ``_prepare_inputs`` and consumed in ``_sample``."""
+    """One step's VFD work, built in ``_prepare_inputs`` and consumed in ``_sample``.
+
+    Steady rows (``S``) continue their pipeline; first-token rows (``F``) draw and forward their candidates
+    in ``_sample``. ``*_batch`` are batch indices, ``*_rows`` steering rows, ``*_pos`` the position of the
+    token committed this step.
+    """
 
     num_scheduled_tokens: int
     num_reqs: int
-    steady: list[_SteadyRow] = field(default_factory=list)
-    first: list[_FirstRow] = field(default_factory=list)
+    steady_batch: np.ndarray
+    steady_rows: np.ndarray
+    steady_pos: np.ndarray
+    first_batch: np.ndarray
+    first_rows: np.ndarray
+    first_pos: np.ndarray
+    layout: SteadyLayout | None = None
+    cand_index: torch.Tensor | None = None  # [S * k_max] token indices of the steady candidates (device)
+    steady_hidden: torch.Tensor | None = None  # [S * k_max, H]
     extra_tokens: int = 0
     extra_reqs: int = 0
     extra_positions: torch.Tensor | None = None
-    restore: list[tuple[int, int, int]] = field(default_factory=list)  # (batch row, column, old block id)
-    steady_hidden: torch.Tensor | None = None  # [sum n_valid, H] in steady-row order
     forward_active: bool = False
 
 
@@ -114,8 +117,9 @@ class VFDRunnerMixin:
         object.__setattr__(cfg2, "scheduler_config", sc2)
         self._vfd_k = k
         self._vfd_sched_max_seqs = int(sc.max_num_seqs)
-        self._vfd_states: dict[str, VFDRequestState] = {}
-        self._vfd_unsupported: dict[str, str] = {}
+        self._vfd_pipes: VFDPipelines | None = None
+        self._vfd_live: dict[str, int] = {}  # request id -> steering row, for requests with a pipeline
+        self._vfd_staging: PackedStaging | None = None
         self._vfd_plan: _StepPlan | None = None
         self._vfd_scratch: ScratchAllocator | None = None
         self._vfd_kv_views: list[torch.Tensor] | None = None
@@ -162,7 +166,8 @@ class VFDRunnerMixin:
         self._vfd_check_kv(n + s)
         self._vfd_scratch = ScratchAllocator(n, s)
         self._vfd_kv_views = None
-        self._vfd_states.clear()
+        self._vfd_live.clear()
+        self._vfd_pipes = None
         logger.info("value_steer VFD: K=%d, %d scratch KV blocks beyond the scheduler's %d", self._vfd_k, s, n)
 
     def vfd_scratch_bytes(self) -> int:
@@ -204,70 +209,77 @@ class VFDRunnerMixin:
             self._vfd_kv_views = views
         return self._vfd_kv_views
 
-    def _vfd_copy_slots(self, src: list[int], dst: list[int]) -> None:
-        """Copy KV slots ``src[i] -> dst[i]`` in every layer (one op call)."""
-        if not src:
+    def _vfd_stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """One host->device copy of every index array a step needs (device views, valid until the next call)."""
+        if self._vfd_staging is None:
+            self._vfd_staging = PackedStaging(torch.device(self.device))  # type: ignore[attr-defined]
+        return self._vfd_staging.stage(arrays)
+
+    def _vfd_copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy KV slots ``src[i] -> dst[i]`` (device int64) in every layer (one op call)."""
+        if not src.numel():
             return
         from value_steer.kernels import copy_kv_slots
 
-        dev = self.device  # type: ignore[attr-defined]
-        copy_kv_slots(
-            self._vfd_views(),
-            torch.tensor(src, dtype=torch.int64, device=dev),
-            torch.tensor(dst, dtype=torch.int64, device=dev),
-        )
-        self._vfd_counters["committed_slots"] += len(src)
+        copy_kv_slots(self._vfd_views(), src, dst)
+        self._vfd_counters["committed_slots"] += int(src.numel())
 
     # ---- request lifecycle ---------------------------------------------------------------------------
+    def _vfd_pipelines(self) -> VFDPipelines:
+        if self._vfd_pipes is None:
+            self._vfd_pipes = VFDPipelines(
+                self._vs_state.rows.num_rows, self._vfd_k, torch.device(self.device)  # type: ignore[attr-defined]
+            )
+        return self._vfd_pipes
+
     def _vfd_release(self, req_id: str) -> None:
-        st = self._vfd_states.pop(req_id, None)
-        if st is not None and st.scratch and self._vfd_scratch is not None:
-            self._vfd_scratch.free(st.scratch)
-            st.scratch = []
+        row = self._vfd_live.pop(req_id, None)
+        if row is not None and self._vfd_scratch is not None:
+            self._vfd_scratch.free(self._vfd_pipelines().close(row))
 
-    def _vfd_state_for(self, req_id: str) -> VFDRequestState | None:
-        """The VFD state of a steered request (created on first sight); None when it is not VFD-steered."""
-        st = self._vfd_states.get(req_id)
-        if st is not None:
-            return st
-        eng = self._vs_state
-        rs = eng.requests.get(req_id) if eng is not None else None
-        if rs is None or not rs.row or rs.steer.mode != MODE_VFD:
-            return None
-        if req_id in self._vfd_unsupported:
-            return None
-        sp = self.requests[req_id].sampling_params  # type: ignore[attr-defined]
-        reason = vfd_unsupported_reason(sp)
-        if reason is not None:  # only reachable without RequestArgsValidator (which answers 400)
-            msg = f"vfd does not support {reason}; served unsteered"
-            self._vfd_unsupported[req_id] = msg
-            rs.info.error = msg
-            logger.warning("value_steer: request %s: %s", req_id, msg)
-            return None
-        st = VFDRequestState(req_id, int(rs.steer.num_candidates))
-        if sp.seed is not None:
-            g = torch.Generator(device=self.device)  # type: ignore[attr-defined]
-            g.manual_seed((int(sp.seed) * 2654435761 + 0x5F3759DF) % (2**63))
-            st.generator = g
-        self._vfd_states[req_id] = st
-        return st
-
-    def _update_states(self, scheduler_output: Any) -> Any:
+    def _vfd_release_stale(self, scheduler_output: Any) -> None:
+        """End the pipelines of finished, unscheduled (preempted) and resumed requests: set operations,
+        no loop over the live requests. Runs before the steering state frees finished rows."""
+        live = self._vfd_live
+        if not live:
+            return
         so = scheduler_output
-        for rid in so.finished_req_ids:
-            self._vfd_release(rid)
-            self._vfd_unsupported.pop(rid, None)
         resumed = getattr(so.scheduled_cached_reqs, "resumed_req_ids", None) or ()
-        scheduled = so.num_scheduled_tokens
-        for rid in [r for r in self._vfd_states if r in resumed or r not in scheduled]:
+        finished = live.keys() & so.finished_req_ids
+        stale = (live.keys() - so.num_scheduled_tokens.keys()) | (live.keys() & set(resumed)) | finished
+        for rid in stale:
             # Preempted, resumed, or not scheduled this step: the pipeline restarts with a first-token step.
             self._vfd_release(rid)
-            self._vfd_counters["restarts"] += 1
-        return super()._update_states(scheduler_output)  # type: ignore[misc]
+            if rid not in finished:
+                self._vfd_counters["restarts"] += 1
+
+    def _vfd_open(self, batch_idx: np.ndarray, rows: np.ndarray) -> None:
+        """Give first-seen steered rows a pipeline: scratch blocks and, for seeded requests, a private
+        generator (lifecycle work, once per request)."""
+        pipes = self._vfd_pipelines()
+        new = np.flatnonzero(pipes.k[rows] == 0)
+        if not new.size:
+            return
+        req_ids = self.input_batch.req_ids  # type: ignore[attr-defined]
+        for j in new.tolist():
+            rid = req_ids[int(batch_idx[j])]
+            row = int(rows[j])
+            k_r = min(int(self._vs_state.requests[rid].steer.num_candidates), self._vfd_k)
+            sp = self.requests[rid].sampling_params  # type: ignore[attr-defined]
+            gen = None
+            if sp.seed is not None:
+                # Columns 1..K-1 of a seeded request come from a private stream derived from its seed (Knuth's
+                # multiplicative hash 2654435761 ~ 2^32/phi, plus an odd constant), so they are reproducible and
+                # independent of the request's own sampling stream, which draws column 0.
+                gen = torch.Generator(device=self.device)  # type: ignore[attr-defined]
+                gen.manual_seed((int(sp.seed) * 2654435761 + 0x5F3759DF) % (2**63))
+            pipes.open(row, self._vfd_scratch.alloc(k_r), gen)  # type: ignore[union-attr]
+            self._vfd_live[rid] = row
 
     # ---- the forward: post-prepare rewrite ------------------------------------------------------------
     def execute_model(self, scheduler_output: Any, intermediate_tensors: Any = None) -> Any:
         self._vfd_plan = None
+        self._vfd_release_stale(scheduler_output)
         try:
             out = super().execute_model(scheduler_output, intermediate_tensors)  # type: ignore[misc]
         except BaseException:
@@ -280,116 +292,118 @@ class VFDRunnerMixin:
         if plan is not None:
             if state is None:
                 self._vfd_plan = None
-            elif plan.steady:
-                idx = [t for row in plan.steady for t in row.hidden_rows]
-                hs = state.hidden_states
-                plan.steady_hidden = hs.index_select(0, torch.tensor(idx, dtype=torch.long, device=hs.device))
+            elif plan.cand_index is not None:
+                plan.steady_hidden = state.hidden_states.index_select(0, plan.cand_index)
         return out
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)  # type: ignore[misc]
         self._vfd_plan = None
-        if self._vs_state is None or self._vfd_scratch is None:
+        st = self._vs_state
+        if st is None or self._vfd_scratch is None:
             return out
         ib = self.input_batch  # type: ignore[attr-defined]
         n = ib.num_reqs
-        discard = self.discard_request_mask.np[:n]  # type: ignore[attr-defined]
-        plan = _StepPlan(num_scheduled_tokens=int(scheduler_output.total_num_scheduled_tokens), num_reqs=n)
-        for i, rid in enumerate(ib.req_ids[:n]):
-            if discard[i]:
-                continue  # partial prefill chunk: nothing is sampled
-            st = self._vfd_state_for(rid)
-            if st is None:
-                continue
-            c = int(ib.num_computed_tokens_cpu[i])
-            ns = int(num_scheduled_tokens[i])
-            if ns == 1 and c >= int(ib.num_prompt_tokens[i]) and st.steady_at(c, int(ib.token_ids_cpu[i, c])):
-                plan.steady.append(_SteadyRow(i, rid, st, c + 1))
-            else:
-                st.reset()
-                plan.first.append(_FirstRow(i, rid, st, c + ns))
-        if not plan.steady and not plan.first:
+        # Steered rows that sample this step (a partial prefill chunk samples nothing), vectorised.
+        discard = self.discard_request_mask.np[:n].astype(bool)  # type: ignore[attr-defined]
+        batch_idx = np.flatnonzero((st.slot_row[:n] > 0) & ~discard)
+        if not batch_idx.size:
             return out
+        rows = st.slot_row[batch_idx].astype(np.int64)
+        self._vfd_open(batch_idx, rows)
+        pipes = self._vfd_pipelines()
+        c = ib.num_computed_tokens_cpu[batch_idx].astype(np.int64)
+        ns = np.asarray(num_scheduled_tokens)[batch_idx].astype(np.int64)
+        decode = (ns == 1) & (c >= ib.num_prompt_tokens[batch_idx])
+        tok_c = ib.token_ids_cpu[batch_idx, np.minimum(c, ib.token_ids_cpu.shape[1] - 1)]
+        steady = decode & pipes.steady_mask(rows, c, tok_c)
+        first = ~steady
+        pipes.reset(rows[first])
+        plan = _StepPlan(
+            num_scheduled_tokens=int(scheduler_output.total_num_scheduled_tokens),
+            num_reqs=n,
+            steady_batch=batch_idx[steady],
+            steady_rows=rows[steady],
+            steady_pos=c[steady] + 1,
+            first_batch=batch_idx[first],
+            first_rows=rows[first],
+            first_pos=(c + ns)[first],
+        )
         self._vfd_plan = plan
-        if plan.steady:
+        if plan.steady_batch.size:
             self._vfd_rewrite(plan)
         return out
 
     def _vfd_rewrite(self, plan: _StepPlan) -> None:
-        """Commit last step's winners and lay the candidates out as attention sequences (memo §3.3)."""
+        """Commit last step's winners and lay the candidates out as attention sequences (vectorised).
+
+        Host: vLLM's numpy buffers (block table, query starts, per-row counts). Device: one staged copy
+        of the indices, then gathers/scatters into vLLM's device buffers and one ``copy_kv_slots``.
+        """
         ib = self.input_batch  # type: ignore[attr-defined]
         bt = ib.block_table[0]
         bs = int(bt.block_size)
         tab = bt.block_table.np
         r0, t0 = plan.num_reqs, plan.num_scheduled_tokens
         qsl = self.query_start_loc  # type: ignore[attr-defined]
-        input_ids = self.input_ids  # type: ignore[attr-defined]
+        i = plan.steady_batch
+        q = plan.steady_pos
+        lay = self._vfd_pipelines().plan_steady(
+            plan.steady_rows, q, qsl.np[i].astype(np.int64), tab, i, bs, r0, t0
+        )
+        plan.layout = lay
+        e = lay.num_extra
+        # Candidate 0 borrows block `col` of its own row; appended sequences copy the parent's row.
+        tab[i, lay.block_col] = lay.block_new
+        seq_rows, seq_vals = i, q + 1
+        if e:
+            parent_batch = i[lay.extra_parent]
+            tab[lay.extra_rows] = tab[parent_batch]
+            tab[lay.extra_rows, lay.block_col[lay.extra_parent]] = lay.extra_block
+            qsl.np[lay.extra_rows + 1] = lay.extra_tokens + 1
+            qsl.np[r0 + e + 1 :] = t0 + e
+            ib.num_computed_tokens_cpu[lay.extra_rows] = q[lay.extra_parent]
+            ib.num_prompt_tokens[lay.extra_rows] = ib.num_prompt_tokens[parent_batch]
+            seq_rows = np.concatenate([i, lay.extra_rows])
+            seq_vals = np.concatenate([q, q[lay.extra_parent]]) + 1
+        self.optimistic_seq_lens_cpu.numpy()[seq_rows] = seq_vals  # type: ignore[attr-defined]
+        w_tok, w_row, w_col, w_pos, w_slot, c_src, c_dst, s_rows, s_vals, cand = self._vfd_stage(
+            [lay.write_token, lay.write_row, lay.write_col, lay.write_pos, lay.write_slot,
+             lay.commit_src, lay.commit_dst, seq_rows, seq_vals, lay.cand_index]
+        )  # fmt: skip
+        input_ids = self.input_ids.gpu  # type: ignore[attr-defined]
+        pending = self._vfd_pipelines().pending_tokens
+        input_ids.index_put_((w_tok,), pending[w_row, w_col].to(input_ids.dtype))
         positions = self.positions  # type: ignore[attr-defined]
+        positions.index_put_((w_tok,), w_pos.to(positions.dtype))
         slot_map = bt.slot_mapping.gpu
+        slot_map.index_put_((w_tok,), w_slot.to(slot_map.dtype))
         seq_lens = self.seq_lens  # type: ignore[attr-defined]
-        opt_seq = self.optimistic_seq_lens_cpu  # type: ignore[attr-defined]
-        src: list[int] = []
-        dst: list[int] = []
-        e = 0
-        for row in plan.steady:
-            i, st, q = row.batch_row, row.state, row.position
-            c = q - 1
-            _, w, _ = st.committed  # type: ignore[misc]
-            s, d = commit_slots(c, st.scratch[w], int(tab[i, c // bs]), st.scratch, bs)
-            src += s
-            dst += d
-            toks = st.pending.tokens  # type: ignore[union-attr]
-            col = q // bs
-            # Candidate 0 takes the scheduler's row: its block `col` is borrowed for the forward.
-            t_i = int(qsl.np[i])
-            plan.restore.append((i, col, int(tab[i, col])))
-            tab[i, col] = st.scratch[0]
-            input_ids.gpu[t_i] = toks[0]
-            positions[t_i] = q
-            slot_map[t_i] = slot_of(st.scratch[0], q, bs)
-            seq_lens[i] = q + 1
-            opt_seq[i] = q + 1
-            row.hidden_rows = [t_i]
-            for k in range(1, len(toks)):
-                r, t = r0 + e, t0 + e
-                tab[r, :col] = tab[i, :col]
-                tab[r, col] = st.scratch[k]
-                input_ids.gpu[t] = toks[k]
-                positions[t] = q
-                slot_map[t] = slot_of(st.scratch[k], q, bs)
-                qsl.np[r + 1] = t + 1
-                seq_lens[r] = q + 1
-                opt_seq[r] = q + 1
-                ib.num_computed_tokens_cpu[r] = q
-                ib.num_prompt_tokens[r] = ib.num_prompt_tokens[i]
-                row.hidden_rows.append(t)
-                e += 1
+        seq_lens.index_put_((s_rows,), s_vals.to(seq_lens.dtype))
         # The commit must land before the forward: candidates at C+1 read C through their scratch
         # blocks, and any request in this batch may read the real block.
-        self._vfd_copy_slots(src, dst)
+        self._vfd_copy_slots(c_src, c_dst)
         if e:
-            qsl.np[r0 + e + 1 :] = t0 + e
             qsl.copy_to_gpu()
         bt.block_table.copy_to_gpu(r0 + e)
-        if input_ids.gpu is not input_ids.cpu:
-            input_ids.cpu[: t0 + e].copy_(input_ids.gpu[: t0 + e])
+        # input_ids.cpu is not refreshed: vLLM 0.32 reads only input_ids.gpu after _prepare_inputs.
+        plan.cand_index = cand
         plan.extra_tokens = e
         plan.extra_reqs = e
         plan.extra_positions = positions[t0 : t0 + e].clone()
         plan.forward_active = True
-        self._vfd_counters["steady_rows"] += len(plan.steady)
+        self._vfd_counters["steady_rows"] += int(i.size)
 
     def _vfd_restore(self) -> None:
         """Give back the block-table entries and rows the forward borrowed."""
         plan = self._vfd_plan
-        if plan is None or not plan.forward_active:
+        if plan is None or not plan.forward_active or plan.layout is None:
             return
         plan.forward_active = False
         ib = self.input_batch  # type: ignore[attr-defined]
         bt = ib.block_table[0]
         tab = bt.block_table.np
-        for i, col, old in plan.restore:
-            tab[i, col] = old
+        tab[plan.steady_batch, plan.layout.block_col] = plan.layout.block_old
         r0, e = plan.num_reqs, plan.extra_reqs
         if e:
             tab[r0 : r0 + e] = 0
@@ -590,194 +604,211 @@ class VFDRunnerMixin:
             return processed.log_softmax(dim=-1, dtype=torch.float32)
         return raw.log_softmax(dim=-1, dtype=torch.float32)
 
-    def _vfd_generators(self, states: list[VFDRequestState]) -> list[torch.Generator]:
-        return [st.generator or self._vfd_generator for st in states]
+    def _vfd_greedy_host(self, batch_rows: np.ndarray) -> np.ndarray:
+        """Which rows sample greedily, from vLLM's host mirror of the temperatures (no device read)."""
+        sm = self.input_batch.sampling_metadata  # type: ignore[attr-defined]
+        if sm.all_greedy:
+            return np.ones(batch_rows.shape[0], dtype=bool)
+        if sm.all_random:
+            return np.zeros(batch_rows.shape[0], dtype=bool)
+        return self.input_batch.temperature_cpu[batch_rows] < _SAMPLING_EPS  # type: ignore[attr-defined]
+
+    def _vfd_groups(self, rows: np.ndarray, greedy: np.ndarray) -> list[tuple[torch.Generator, np.ndarray]]:
+        """Random rows grouped by the generator of their columns 1..K-1: unseeded rows share the runner's
+        private generator; a seeded request draws from its own (one group each)."""
+        rand = np.flatnonzero(~greedy)
+        gens = self._vfd_pipelines().generators
+        if not gens:
+            return [(self._vfd_generator, rand)]
+        seeded = np.isin(rows[rand], np.fromiter(gens, dtype=np.int64))
+        groups = [(self._vfd_generator, rand[~seeded])]
+        groups += [(gens[int(rows[j])], np.array([j])) for j in rand[seeded].tolist()]
+        return groups
+
+    # ---- the first-token step (lifecycle: host reads allowed) -------------------------------------------
+    def _vfd_first_token(self, plan: _StepPlan, logits: torch.Tensor, f_batch_t: torch.Tensor,
+                         want_lp: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
+        """Draw the first-token rows' candidates from this step's distribution and forward them.
+
+        Returns ``tokens [F, k_max]``, ``num_valid [F]``, ``hidden [F * k_max, H]`` (columns past a row's
+        valid candidates repeat column 0) and each row's candidate logprobs (or None).
+        """
+        pipes = self._vfd_pipelines()
+        kmax = self._vfd_k
+        dev = logits.device
+        ib = self.input_batch  # type: ignore[attr-defined]
+        bt = ib.block_table[0]
+        bs = int(bt.block_size)
+        n_first = plan.first_batch.size
+        self._vfd_counters["first_token_rows"] += n_first
+        proc, greedy = self._vfd_processed(logits, f_batch_t)
+        natural = self._vfd_natural_sample(proc, greedy, plan.first_batch.tolist())
+        greedy_h = self._vfd_greedy_host(plan.first_batch)
+        toks, nval = draw_candidates(proc, greedy_h, kmax, natural, groups=self._vfd_groups(plan.first_rows, greedy_h))
+        toks_l, nval_l = toks.tolist(), nval.tolist()
+        f_lp: list[Any] = [None] * n_first
+        lp_idx = np.flatnonzero(want_lp)
+        if lp_idx.size:
+            sel = torch.from_numpy(lp_idx).to(dev)
+            raw = logits.index_select(0, f_batch_t.index_select(0, sel))
+            dist = self._vfd_logprob_dist(raw, proc.index_select(0, sel))
+            nums = [self.requests[ib.req_ids[int(plan.first_batch[j])]].sampling_params.logprobs  # type: ignore[attr-defined]
+                    for j in lp_idx.tolist()]
+            for j, info in zip(lp_idx.tolist(), candidate_logprobs(dist, toks.index_select(0, sel), nums)):
+                f_lp[j] = info
+        seq_tok: list[int] = []
+        seq_pos: list[int] = []
+        seq_rows: list[list[int]] = []
+        seq_slots: list[int] = []
+        src: list[int] = []
+        dst: list[int] = []
+        flat = np.zeros((n_first, kmax), dtype=np.int64)
+        nvalid = np.zeros(n_first, dtype=np.int64)
+        for j in range(n_first):
+            b, row, q = int(plan.first_batch[j]), int(plan.first_rows[j]), int(plan.first_pos[j])
+            k_r = int(pipes.k[row])
+            nv = min(int(nval_l[j]), k_r)
+            scratch = pipes.scratch[row, :k_r].tolist()
+            nb = int(bt.num_blocks_per_row[b])
+            real = [int(x) for x in bt.block_table.np[b, :nb]]
+            if q % bs:
+                s, d = mirror_slots(real[q // bs], scratch, q, bs)
+                src += s
+                dst += d
+            flat[j, :nv] = len(seq_tok) + np.arange(nv)
+            flat[j, nv:] = len(seq_tok)
+            nvalid[j] = nv
+            for k, tok in enumerate(toks_l[j][:nv]):
+                seq_tok.append(tok)
+                seq_pos.append(q)
+                seq_rows.append(candidate_block_row(real, q, bs, scratch[k]))
+                seq_slots.append(slot_of(scratch[k], q, bs))
+        if src:
+            s_t, d_t = self._vfd_stage([np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)])
+            self._vfd_copy_slots(s_t, d_t)
+        hidden = self._vfd_forward(seq_tok, seq_pos, seq_rows, seq_slots)
+        flat_t, nvalid_t = self._vfd_stage([flat, nvalid])
+        return toks, nvalid_t.clone(), hidden.index_select(0, flat_t), f_lp
 
     # ---- the per-step decision --------------------------------------------------------------------------
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
         plan, self._vfd_plan = self._vfd_plan, None
         if plan is None or logits is None or spec_decode_metadata is not None:
             return super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
-        eng = self._vs_state
+        st = self._vs_state
+        pipes = self._vfd_pipelines()
         dev = logits.device
         ib = self.input_batch  # type: ignore[attr-defined]
-        bt = ib.block_table[0]
-        bs = int(bt.block_size)
         kmax = self._vfd_k
         self._vfd_counters["steps"] += 1
 
         # Rows in a fixed order: steady rows, then first-token rows.
-        batch_rows = [r.batch_row for r in plan.steady] + [r.batch_row for r in plan.first]
-        req_ids = [r.req_id for r in plan.steady] + [r.req_id for r in plan.first]
-        states = [r.state for r in plan.steady] + [r.state for r in plan.first]
-        positions = [r.position for r in plan.steady] + [r.position for r in plan.first]
-        n_rows = len(batch_rows)
-        rows_t = torch.tensor(batch_rows, dtype=torch.long, device=dev)
-        want_lp = [self.requests[r].sampling_params.logprobs for r in req_ids]  # type: ignore[attr-defined]
+        batch_rows = np.concatenate([plan.steady_batch, plan.first_batch])
+        rows = np.concatenate([plan.steady_rows, plan.first_rows])
+        positions = np.concatenate([plan.steady_pos, plan.first_pos])
+        n_steady, n_rows = int(plan.steady_batch.size), int(batch_rows.size)
+        want_lp = st.slot_logprobs[batch_rows]
+        any_lp = bool(want_lp.any())
+        batch_t, rows_t = self._vfd_stage([batch_rows, rows])
+        batch_t, rows_t = batch_t.clone(), rows_t.clone()  # the staging buffer is reused below
 
-        # 1. Candidates of first-token rows (drawn now, from this step's distribution) and their forward.
-        cand_tokens: list[list[int]] = [list(r.state.pending.tokens) for r in plan.steady]  # type: ignore[union-attr]
-        cand_lp = [r.state.pending.logprobs for r in plan.steady]  # type: ignore[union-attr]
-        hidden_parts = [plan.steady_hidden] if plan.steady else []
-        if plan.first:
-            self._vfd_counters["first_token_rows"] += len(plan.first)
-            f_states = [r.state for r in plan.first]
-            f_rows = rows_t[len(plan.steady) :]
-            proc, greedy = self._vfd_processed(logits, f_rows)
-            natural = self._vfd_natural_sample(proc, greedy, batch_rows[len(plan.steady) :])
-            toks, nval = draw_candidates(proc, greedy, kmax, natural, self._vfd_generators(f_states))
-            toks_l, nval_l = toks.tolist(), nval.tolist()
-            f_lp: list[Any] = [None] * len(plan.first)
-            lp_idx = [j for j, r in enumerate(plan.first) if want_lp[len(plan.steady) + j] is not None]
-            if lp_idx:
-                sel = torch.tensor(lp_idx, dtype=torch.long, device=dev)
-                dist = self._vfd_logprob_dist(
-                    logits.index_select(0, f_rows.index_select(0, sel)), proc.index_select(0, sel)
-                )
-                infos = candidate_logprobs(
-                    dist, toks.index_select(0, sel), [want_lp[len(plan.steady) + j] for j in lp_idx]
-                )
-                for j, info in zip(lp_idx, infos):
-                    f_lp[j] = info
-            seq_tok: list[int] = []
-            seq_pos: list[int] = []
-            seq_rows: list[list[int]] = []
-            seq_slots: list[int] = []
-            src: list[int] = []
-            dst: list[int] = []
-            for j, r in enumerate(plan.first):
-                st = r.state
-                k_r = min(st.num_candidates, kmax)
-                nv = min(int(nval_l[j]), k_r)
-                if not st.scratch:
-                    st.scratch = self._vfd_scratch.alloc(k_r)  # type: ignore[union-attr]
-                q = r.position
-                nb = int(bt.num_blocks_per_row[r.batch_row])
-                real = [int(b) for b in bt.block_table.np[r.batch_row, :nb]]
-                if q % bs:
-                    s, d = mirror_slots(real[q // bs], st.scratch, q, bs)
-                    src += s
-                    dst += d
-                tl = toks_l[j][:nv]
-                cand_tokens.append(tl)
-                cand_lp.append(f_lp[j])
-                for k, tok in enumerate(tl):
-                    seq_tok.append(tok)
-                    seq_pos.append(q)
-                    seq_rows.append(candidate_block_row(real, q, bs, st.scratch[k]))
-                    seq_slots.append(slot_of(st.scratch[k], q, bs))
-            self._vfd_copy_slots(src, dst)
-            hidden_parts.append(self._vfd_forward(seq_tok, seq_pos, seq_rows, seq_slots))
-        hidden_all = torch.cat(hidden_parts, dim=0) if len(hidden_parts) > 1 else hidden_parts[0]
+        # 1. Candidates, their valid counts and hidden states: steady rows from the pending table and the
+        #    forward; first-token rows drawn and forwarded now.
+        k_r = st.rows.num_candidates.index_select(0, rows_t).clamp(max=kmax).long()
+        tok_parts, nv_parts, hid_parts = [], [], []
+        # Logprob bookkeeping of the candidates, for rows whose request asked for logprobs only.
+        lp_of: dict[int, Any] = {
+            j: pipes.pending_logprobs.get(int(plan.steady_rows[j])) for j in np.flatnonzero(want_lp[:n_steady]).tolist()
+        }
+        if n_steady:
+            s_rows_t = rows_t[:n_steady]
+            tok_parts.append(pipes.pending_tokens.index_select(0, s_rows_t))
+            nv_parts.append(pipes.pending_nvalid.index_select(0, s_rows_t))
+            hid_parts.append(plan.steady_hidden)
+        if plan.first_batch.size:
+            toks_f, nv_f, hid_f, f_lp = self._vfd_first_token(plan, logits, batch_t[n_steady:], want_lp[n_steady:])
+            tok_parts.append(toks_f)
+            nv_parts.append(nv_f)
+            hid_parts.append(hid_f)
+            lp_of.update({n_steady + j: info for j, info in enumerate(f_lp) if info is not None})
+        tokens = torch.cat(tok_parts) if len(tok_parts) > 1 else tok_parts[0]
+        nvalid = torch.minimum(torch.cat(nv_parts) if len(nv_parts) > 1 else nv_parts[0], k_r)
+        hidden_all = torch.cat(hid_parts) if len(hid_parts) > 1 else hid_parts[0]
 
-        # 2. Score and select (fused value head + score_and_select over the row table).
-        from value_steer.kernels import score_and_select
-
-        nvalid = [len(t) for t in cand_tokens]
-        offsets = np.concatenate([[0], np.cumsum(nvalid)[:-1]]).astype(np.int64)
-        flat = np.zeros((n_rows, kmax), dtype=np.int64)
-        valid = np.zeros((n_rows, kmax), dtype=bool)
-        tok_np = np.zeros((n_rows, kmax), dtype=np.int64)
-        for j, toks_j in enumerate(cand_tokens):
-            nv = len(toks_j)
-            flat[j, :nv] = offsets[j] + np.arange(nv)
-            flat[j, nv:] = offsets[j]
-            valid[j, :nv] = True
-            tok_np[j, :nv] = toks_j
-            tok_np[j, nv:] = toks_j[0]
-        flat_t = torch.from_numpy(flat.reshape(-1)).to(dev)
-        vals = eng.values(hidden_all)
-        values = vals.index_select(0, flat_t).view(n_rows, kmax).clone()
-        values[~torch.from_numpy(valid).to(dev)] = float("nan")
-        cand_hidden = hidden_all.index_select(0, flat_t)
-        row_idx = eng.upload_step_rows(eng.slot_row[np.asarray(batch_rows)])
-        tok_t = torch.from_numpy(tok_np).to(dev)
-        win_col, win_tok, win_val, _, interv, _, win_hidden = score_and_select(
-            values,
-            tok_t,
-            torch.zeros((n_rows, kmax), dtype=torch.float32, device=dev),
-            row_idx,
-            eng.rows.threshold,
-            eng.rows.sign,
-            eng.rows.mode,
-            eng.rows.num_candidates,
-            cand_hidden,
-        )
-        win_col_l = win_col.tolist()
-        win_tok_l = win_tok.tolist()
+        # 2. Score and select; the step's one device->host read (vLLM's host-side output lists need the winners).
+        won = select_winners(st, rows_t, tokens, nvalid, hidden_all)
+        win_col_h, win_tok_h, win_hidden = won.col, won.token, won.hidden
 
         # 3. The steered rows continue from the winner: its logits replace the row's.
-        n_steady = len(plan.steady)
-        redo = [j for j in range(n_rows) if j >= n_steady or win_col_l[j] != 0]
-        if redo:
-            sel = torch.tensor(redo, dtype=torch.long, device=dev)
+        redo = np.flatnonzero((np.arange(n_rows) >= n_steady) | (win_col_h != 0))
+        if redo.size:
+            sel = torch.from_numpy(redo).to(dev, non_blocking=True)
             new_logits = self.model.compute_logits(win_hidden.index_select(0, sel))  # type: ignore[attr-defined]
-            logits.index_copy_(0, rows_t.index_select(0, sel), new_logits.to(logits.dtype))
+            logits.index_copy_(0, batch_t.index_select(0, sel), new_logits.to(logits.dtype))
 
         # 4. vLLM's sampler draws the natural sample of the next position, with the winner in the history
         #    (penalties, bad words). The winner is appended for the sampler only; bookkeeping appends it for real.
-        outs = [self.requests[r].output_token_ids for r in req_ids]  # type: ignore[attr-defined]
-        for o, tok in zip(outs, win_tok_l):
-            o.append(int(tok))
-        # The batch rows hold candidate 0; capture records the winner below instead.
+        outs = operator.itemgetter(*batch_rows.tolist())(ib.req_output_token_ids)
+        outs = (outs,) if n_rows == 1 else outs
+        win_tok_l = win_tok_h.tolist()
+        deque(map(list.append, outs, win_tok_l), maxlen=0)  # C-level loop over vLLM's Python lists
         elsewhere = np.zeros(ib.num_reqs, dtype=bool)
         elsewhere[batch_rows] = True
+        # The batch rows hold candidate 0; capture records the winner below instead.
         self._vs_capture_elsewhere = elsewhere
         try:
-            if any(self.requests[r].sampling_params.min_tokens for r in req_ids):  # type: ignore[attr-defined]
+            if st.slot_min_tokens[batch_rows].any():
                 self._vfd_refresh_min_tokens()
-            proc2, greedy2 = self._vfd_processed(logits, rows_t)
-            raw2 = logits.index_select(0, rows_t).clone() if any(x is not None for x in want_lp) else None
+            proc2, _ = self._vfd_processed(logits, batch_t)
+            raw2 = logits.index_select(0, batch_t).clone() if any_lp else None
             out = super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
         finally:
             self._vs_capture_elsewhere = None
-            for o in outs:
-                o.pop()
-        if self._vs_capture is not None:  # type: ignore[attr-defined]
+            deque(map(list.pop, outs), maxlen=0)
+        if self._vs_capture is not None and st.any_capture:  # type: ignore[attr-defined]
             # Decode-matched: the committed token's own hidden state, the one the head scored to pick it.
-            self._vs_capture_rows(  # type: ignore[attr-defined]
-                None, np.asarray(positions), win_hidden, batch_rows=np.asarray(batch_rows)
-            )
-        first_next = out.sampled_token_ids.index_select(0, rows_t)[:, 0].long()
-        next_toks, next_nval = draw_candidates(proc2, greedy2, kmax, first_next, self._vfd_generators(states))
-        next_lp: list[Any] = [None] * n_rows
-        lp_rows = [j for j in range(n_rows) if want_lp[j] is not None]
-        if lp_rows:
-            sel = torch.tensor(lp_rows, dtype=torch.long, device=dev)
-            dist = self._vfd_logprob_dist(raw2.index_select(0, sel), proc2.index_select(0, sel))  # type: ignore[union-attr]
-            for j, info in zip(
-                lp_rows, candidate_logprobs(dist, next_toks.index_select(0, sel), [want_lp[j] for j in lp_rows])
-            ):
-                next_lp[j] = info
+            self._vs_capture_rows(None, positions, win_hidden, batch_rows=batch_rows)  # type: ignore[attr-defined]
 
-        # 5. Output the winners, with the logprobs of the distribution each was drawn from.
+        # 5. The next candidates: column 0 is the sampler's draw; the rest are drawn on the device.
+        natural = out.sampled_token_ids.index_select(0, batch_t)[:, 0].long()
+        greedy_h = self._vfd_greedy_host(batch_rows)
+        groups = self._vfd_groups(rows, greedy_h)
+        next_toks, _ = advance(pipes, rows, rows_t, positions, won, proc2, greedy_h, natural, groups)
+
+        # 6. Logprobs (only rows that asked): the winner's from the distribution it was drawn from, and the
+        #    next candidates' for the next step.
         lpt = out.logprobs_tensors
-        if lpt is not None and lp_rows and lpt.logprob_token_ids.numel():
-            for j in lp_rows:
-                info = cand_lp[j]
-                if info is None:
-                    continue
-                i, w = batch_rows[j], win_col_l[j]
-                n = min(len(info.top_ids), lpt.logprob_token_ids.shape[1] - 1)
-                lpt.logprob_token_ids[i, 0] = win_tok_l[j]
-                lpt.logprobs[i, 0] = info.token_logprobs[w]
-                lpt.selected_token_ranks[i] = info.ranks[w]
-                if n:
-                    ids_t = torch.tensor(info.top_ids[:n], dtype=lpt.logprob_token_ids.dtype)
-                    lpt.logprob_token_ids[i, 1 : n + 1] = ids_t
-                    lpt.logprobs[i, 1 : n + 1] = torch.tensor(info.top_logprobs[:n], dtype=lpt.logprobs.dtype)
-        out.sampled_token_ids[rows_t, 0] = win_tok.to(out.sampled_token_ids.dtype)
-
-        # 6. Pipeline state: the winner's KV stays in its scratch block until next step's commit.
-        next_toks_l, next_nval_l = next_toks.tolist(), next_nval.tolist()
-        for j, st in enumerate(states):
-            k_r = min(st.num_candidates, kmax)
-            nv = min(int(next_nval_l[j]), k_r)
-            st.committed = (positions[j], int(win_col_l[j]), int(win_tok_l[j]))
-            st.pending = Candidates(positions[j] + 1, next_toks_l[j][:nv], next_lp[j])
-        eng.stats.record(row_idx, win_val, interv, eos_forced=False)
+        if any_lp:
+            lp_rows = np.flatnonzero(want_lp)
+            sel = torch.from_numpy(lp_rows).to(dev)
+            dist = self._vfd_logprob_dist(raw2.index_select(0, sel), proc2.index_select(0, sel))  # type: ignore[union-attr]
+            nums = [self.requests[ib.req_ids[int(batch_rows[j])]].sampling_params.logprobs  # type: ignore[attr-defined]
+                    for j in lp_rows.tolist()]
+            for j, info in zip(lp_rows.tolist(), candidate_logprobs(dist, next_toks.index_select(0, sel), nums)):
+                pipes.pending_logprobs[int(rows[j])] = info
+            if lpt is not None and lpt.logprob_token_ids.numel():
+                for j in lp_rows.tolist():
+                    info = lp_of.get(j)
+                    if info is None:
+                        continue
+                    i, w = int(batch_rows[j]), int(win_col_h[j])
+                    n = min(len(info.top_ids), lpt.logprob_token_ids.shape[1] - 1)
+                    lpt.logprob_token_ids[i, 0] = win_tok_l[j]
+                    lpt.logprobs[i, 0] = info.token_logprobs[w]
+                    lpt.selected_token_ranks[i] = info.ranks[w]
+                    if n:
+                        ids_t = torch.tensor(info.top_ids[:n], dtype=lpt.logprob_token_ids.dtype)
+                        lpt.logprob_token_ids[i, 1 : n + 1] = ids_t
+                        lpt.logprobs[i, 1 : n + 1] = torch.tensor(info.top_logprobs[:n], dtype=lpt.logprobs.dtype)
+        out.sampled_token_ids.index_put_(
+            (batch_t, torch.zeros_like(batch_t)), won.token_t.to(out.sampled_token_ids.dtype)
+        )
         if self._vfd_debug is not None:
-            self._vfd_record_debug(req_ids, positions, cand_tokens, values, win_col_l, win_tok_l)
+            req_ids = [ib.req_ids[int(b)] for b in batch_rows]
+            nv_h = nvalid.tolist()
+            cands = [t[:nv] for t, nv in zip(tokens.tolist(), nv_h)]
+            values = st.values(hidden_all).view(n_rows, kmax)  # debug only: recomputed, read back
+            self._vfd_record_debug(req_ids, positions.tolist(), cands, values, win_col_h.tolist(), win_tok_l)
         return out
 
     # ---- test/debug surface --------------------------------------------------------------------------
@@ -815,7 +846,7 @@ class VFDRunnerMixin:
         return {
             "scratch_capacity": sc.capacity if sc else 0,
             "scratch_free": sc.num_free if sc else 0,
-            "live": sorted(self._vfd_states),
+            "live": sorted(self._vfd_live),
             "counters": dict(self._vfd_counters),
             "steps": copy.deepcopy(self._vfd_debug) if self._vfd_debug is not None else None,
         }

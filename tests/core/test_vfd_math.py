@@ -17,7 +17,7 @@ from value_steer.core.vfd_math import (
     scratch_blocks_needed,
     slot_of,
 )
-from value_steer.runtime.vfd_state import Candidates, ScratchAllocator, ScratchExhausted, VFDRequestState
+from value_steer.runtime.vfd_state import ScratchAllocator, ScratchExhausted
 
 NEG = float("-inf")
 
@@ -262,21 +262,3 @@ def test_candidate_logprobs_match_vllm_ranks():
     assert out[1].ranks == [3, 3] and out[1].top_ids == []
     with pytest.raises(ValueError):
         candidate_logprobs(lp, torch.tensor([1, 2]), [1])
-
-
-# ---- request state ------------------------------------------------------------------------------------------
-
-
-def test_request_state_steady_check():
-    st = VFDRequestState("r", 3)
-    assert not st.steady_at(10, 5)
-    st.scratch = [1, 2, 3]
-    st.committed = (10, 1, 5)
-    st.pending = Candidates(11, [7, 8, 9])
-    assert st.steady_at(10, 5)
-    assert not st.steady_at(11, 5)
-    assert not st.steady_at(10, 6)
-    st.pending = Candidates(12, [7])
-    assert not st.steady_at(10, 5)
-    st.reset()
-    assert st.committed is None and st.pending is None and st.scratch == [1, 2, 3]

@@ -1,9 +1,10 @@
 """Counting host<->device traffic of a step, on a stand-in accelerator (the ``meta`` device).
 
 On ``meta`` every kernel runs shape-only, so a step that needs a device value on the host (``.item()``,
-``.tolist()``, ``.cpu()``, ``nonzero``, boolean-mask indexing) cannot even run; what it copies is seen by
-a ``TorchDispatchMode``. ``torch.tensor(list, device=...)`` does not reach the dispatcher, so it is counted
-by wrapping the constructor.
+``.tolist()``, ``nonzero``, boolean-mask indexing) cannot even run; what it copies is seen by a
+``TorchDispatchMode``. An explicit ``.cpu()`` / ``.to("cpu")`` is counted and answered with zeros, so a step
+with a budgeted read-back runs to the end. ``torch.tensor(list, device=...)`` does not reach the
+dispatcher, so it is counted by wrapping the constructor.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ class SyncCounter(TorchDispatchMode):
         elif name in ("aten._to_copy.default", "aten.to.dtype_layout"):
             src, dst = _dev(args[0]), kwargs.get("device")
             if dst is not None and src is not None and src.type != torch.device(dst).type:
-                self._hit("h2d" if torch.device(dst).type == DEVICE.type else "d2h", name)
+                to_host = torch.device(dst).type != DEVICE.type
+                self._hit("d2h" if to_host else "h2d", name)
+                if to_host and src.type == DEVICE.type:
+                    # A read back from the stand-in device: count it, then go on with zeros of the right shape.
+                    return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
         elif name == "aten.copy_.default":
             dst, src = _dev(args[0]), _dev(args[1])
             if dst is not None and src is not None and dst.type != src.type:

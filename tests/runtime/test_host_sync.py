@@ -106,3 +106,83 @@ def test_abstention_on_cpu_matches_meta_plan(head_path):
     assert a["num_scored"] == 1 and a["forced_eos"] and a["num_interventions"] == 1
     assert b["num_scored"] == 0 and b["last_value"] is None
     assert state.counters_dict()["forced_eos"] == 2
+
+
+def _vfd_setup(head_path: str, device: torch.device, k: int = 4):
+    from value_steer.runtime.staging import PackedStaging
+    from value_steer.runtime.vfd_state import VFDPipelines
+
+    state = _state(head_path, "vfd", device, num_candidates=k)
+    ids = ["a", "b", "c", "d"]
+    for rid in ids:
+        state.add_request(rid, None, 2, False)
+    state.update_batch(ids)
+    state.flush()
+    pipes = VFDPipelines(state.rows.num_rows, k, device)
+    rows = state.slot_row[:4].astype(np.int64)
+    for j, r in enumerate(rows):
+        pipes.open(int(r), list(range(100 + k * j, 100 + k * (j + 1))))
+    pipes.commit(rows, np.full(4, 40), np.zeros(4, dtype=np.int64), np.arange(4))
+    return state, pipes, rows, PackedStaging(device)
+
+
+def test_steady_vfd_step_budget(head_path, sync_counter):
+    """A planted steady VFD step (4 requests, K=4, all unseeded random sampling) through the runtime pieces the
+    adapter runs: plan the layout, stage it, gather candidates, score and select, draw the next candidates."""
+    from value_steer.kernels import copy_kv_slots
+    from value_steer.runtime.vfd_step import advance, select_winners
+
+    state, pipes, rows, staging = _vfd_setup(head_path, META)
+    vocab, n_tokens = 32, 64
+    input_ids = torch.zeros(n_tokens, dtype=torch.int32, device=META)
+    kv = [torch.empty((300, 16, 1, 8), device=META) for _ in range(4)]  # K and V views of 2 layers
+    block_table = np.arange(8 * 16).reshape(8, 16)
+    batch_idx = np.arange(4)
+    forward_hidden = torch.empty((n_tokens, H), device=META)
+    processed = torch.empty((4, vocab), device=META)
+    natural = torch.empty(4, dtype=torch.int64, device=META)
+    greedy = np.zeros(4, dtype=bool)
+    gen = torch.Generator()
+    with sync_counter() as c:
+        state.update_batch(["a", "b", "c", "d"])
+        state.flush()
+        q = np.full(4, 41)
+        lay = pipes.plan_steady(rows, q, batch_idx, block_table, batch_idx, 16, 4, 4)
+        w_tok, w_row, w_col, src, dst, cand, rows_t = staging.stage(
+            [lay.write_token, lay.write_row, lay.write_col, lay.commit_src, lay.commit_dst, lay.cand_index, rows]
+        )
+        input_ids.index_put_((w_tok,), pipes.pending_tokens[w_row, w_col].to(torch.int32))
+        copy_kv_slots(kv, src, dst)
+        hidden = forward_hidden.index_select(0, cand)
+        tokens = pipes.pending_tokens.index_select(0, rows_t)
+        nvalid = pipes.pending_nvalid.index_select(0, rows_t)
+        won = select_winners(state, rows_t, tokens, nvalid, hidden)
+        advance(pipes, rows, rows_t, q, won, processed, greedy, natural, [(gen, np.arange(4))])
+    assert c.counts["d2h"] == 1, c.log  # the winners [2, R], which vLLM's host-side output lists need
+    assert c.counts["scalar"] == 0 and c.counts["data_dependent"] == 0, c.log
+    assert c.counts["list_to_device"] == 0, c.log
+    # The staged indices and the one generator group's rows: two non-blocking copies.
+    assert c.counts["h2d"] == 2, c.log
+    assert won.col.shape == (4,) and pipes.committed_pos[rows].tolist() == [41] * 4
+
+
+def test_vfd_step_on_cpu_selects_and_advances(head_path):
+    """The same runtime pieces on CPU: real winners come back to the host tables, candidates stay on device."""
+    from value_steer.runtime.vfd_step import advance, select_winners
+
+    torch.manual_seed(0)
+    state, pipes, rows, _ = _vfd_setup(head_path, torch.device("cpu"))
+    rows_t = torch.from_numpy(rows)
+    pipes.store_candidates(rows_t, torch.arange(16).view(4, 4), torch.full((4,), 4))
+    won = select_winners(state, rows_t, pipes.pending_tokens[rows_t], pipes.pending_nvalid[rows_t],
+                         torch.randn(16, H))
+    assert ((won.col >= 0) & (won.col < 4)).all()
+    assert won.token.tolist() == [4 * j + int(c) for j, c in enumerate(won.col)]
+    processed = torch.randn(4, 32)
+    natural = torch.tensor([1, 2, 3, 4])
+    toks, nv = advance(pipes, rows, rows_t, np.full(4, 41), won, processed, np.zeros(4, dtype=bool), natural,
+                       [(torch.Generator().manual_seed(0), np.arange(4))])
+    assert toks[:, 0].tolist() == [1, 2, 3, 4] and nv.tolist() == [4] * 4
+    assert torch.equal(pipes.pending_tokens[rows_t], toks)
+    assert pipes.committed_tok[rows].tolist() == won.token.tolist() and pipes.pending_pos[rows].tolist() == [42] * 4
+    assert state.counters_dict()["tokens_scored"] == 4

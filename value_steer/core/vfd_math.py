@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -144,6 +145,7 @@ def draw_candidates(
     k: int,
     first: torch.Tensor | None = None,
     generators: Sequence[torch.Generator | None] | None = None,
+    groups: Sequence[tuple[torch.Generator | None, np.ndarray]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``k`` candidates per row from processed logits.
 
@@ -158,13 +160,15 @@ def draw_candidates(
         processed: ``[R, V]`` the distribution the sampler draws from. Random rows hold processed
             logits after temperature, top-k/top-p and min-p. Greedy rows hold logits after the logits
             processors. ``-inf`` means "never drawn".
-        greedy: ``[R]`` bool.
+        greedy: ``[R]`` bool: a host numpy array (no device read: the hot path) or a tensor / sequence.
         k: candidates per row (``>= 1``).
         first: optional ``[R]`` int, column 0 as already drawn by the engine's sampler (the natural
             sample). Random rows draw columns ``1..k-1`` independently of it; greedy rows take the
             best ``k-1`` tokens other than it.
         generators: optional per-row generators for the random draws. Rows sharing one generator
             draw together.
+        groups: instead of ``generators``, the random rows already grouped on the host:
+            ``(generator, rows)`` pairs, ``rows`` an int numpy array (the hot path: no per-row Python).
     Returns:
         ``tokens [R, k] int64`` and ``num_valid [R] int64``. Random rows: ``num_valid = k``. Greedy
         rows: columns ``>= num_valid`` fall outside the support (fewer than ``k`` finite logits) and
@@ -175,9 +179,9 @@ def draw_candidates(
     _check_pos_int(k, "k")
     r, v = processed.shape
     x = processed.float()
-    greedy_t = torch.as_tensor(greedy, dtype=torch.bool, device=x.device).reshape(-1)
-    if greedy_t.shape[0] != r:
-        raise ValueError(f"greedy must have {r} entries, got {greedy_t.shape[0]}")
+    greedy_np = np.asarray(greedy.cpu() if isinstance(greedy, torch.Tensor) else greedy, dtype=bool).reshape(-1)
+    if greedy_np.shape[0] != r:
+        raise ValueError(f"greedy must have {r} entries, got {greedy_np.shape[0]}")
     if generators is not None and len(generators) != r:
         raise ValueError(f"generators must have {r} entries, got {len(generators)}")
     if first is not None:
@@ -204,15 +208,23 @@ def draw_candidates(
     tokens = torch.where(cols < num_valid.unsqueeze(1), tokens, tokens[:, :1]).long()
     num_valid = num_valid.long()
 
-    random_rows = (~greedy_t).nonzero().flatten().tolist()
-    if random_rows:
-        groups: dict[int, tuple[torch.Generator | None, list[int]]] = {}
-        for i in random_rows:
+    random_rows = np.flatnonzero(~greedy_np)
+    if groups is None and random_rows.size:
+        by_gen: dict[int, tuple[torch.Generator | None, list[int]]] = {}
+        for i in random_rows.tolist():
             g = generators[i] if generators is not None else None
-            groups.setdefault(id(g), (g, []))[1].append(i)
+            by_gen.setdefault(id(g), (g, []))[1].append(i)
+        groups = [(g, np.asarray(rows, dtype=np.int64)) for g, rows in by_gen.values()]
+    elif groups is not None:
+        grouped = np.sort(np.concatenate([np.asarray(rows, dtype=np.int64) for _, rows in groups] or [np.zeros(0)]))
+        if not np.array_equal(grouped, random_rows):
+            raise ValueError("groups must cover exactly the random (non-greedy) rows, each once")
+    if random_rows.size:
         start = 0 if first is None else 1
-        for g, rows in groups.values():
-            idx = torch.tensor(rows, dtype=torch.long, device=x.device)
+        for g, rows in groups:  # type: ignore[union-attr]
+            if not len(rows):
+                continue
+            idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(x.device, non_blocking=True)
             if k > start:
                 probs = torch.softmax(x.index_select(0, idx), dim=-1)
                 draws = torch.multinomial(probs, k - start, replacement=True, generator=g)

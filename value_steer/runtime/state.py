@@ -29,6 +29,7 @@ from value_steer.core.checkpoint import HeadCheckpoint, load_value_head
 from value_steer.core.config import RequestSteer, SteerConfig, parse_request_args
 from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF
 from value_steer.core.row_table import RowTable
+from value_steer.runtime.staging import HostDeviceBuffer
 from value_steer.runtime.stats import DeviceStats, RequestInfo, SteeringCounters
 
 logger = logging.getLogger("value_steer")
@@ -47,28 +48,6 @@ class RequestState:
     min_tokens: int
     info: RequestInfo
     wants_logprobs: bool = False
-
-
-class HostDeviceBuffer:
-    """A persistent device buffer with a host staging mirror (pinned on CUDA), as vLLM's ``CpuGpuBuffer``.
-
-    ``np`` is the numpy view to fill on the host; :meth:`copy_to_device` publishes ``np[:n]`` with one
-    non-blocking copy and returns the device slice.
-    """
-
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        host = torch.zeros(size, dtype=dtype)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        self.host = host
-        self.np = host.numpy()
-        self.device = torch.zeros(size, dtype=dtype, device=device)
-
-    def copy_to_device(self, n: int) -> torch.Tensor:
-        dst = self.device[:n]
-        if dst.data_ptr() != self.host.data_ptr():
-            dst.copy_(self.host[:n], non_blocking=True)
-        return dst
 
 
 class SteeringState:
