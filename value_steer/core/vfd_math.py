@@ -261,7 +261,8 @@ def candidate_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, num_top: Se
         raise ValueError(f"logprobs [R, V] and tokens [R, K] expected, got {list(logprobs.shape)} {list(tokens.shape)}")
     lp = logprobs.float()
     tok_lp = lp.gather(1, tokens.long())
-    ranks = (lp.unsqueeze(1) >= tok_lp.unsqueeze(2)).sum(-1)
+    # Column by column: [R, V] at a time instead of an [R, K, V] comparison tensor.
+    ranks = torch.stack([(lp >= tok_lp[:, j : j + 1]).sum(-1) for j in range(tok_lp.shape[1])], dim=1)
     n_max = max([0, *num_top])
     if n_max:
         top_lp, top_ids = torch.topk(lp, min(n_max, lp.shape[1]), dim=-1)
