@@ -5,7 +5,10 @@ dispatch and the ``torch.library`` registration (with its fake) live together:
 
 - ``value_head``: fused value-head MLP ``x [M, H] -> p [M]`` (batch invariant).
 - ``score_and_select``: per-row VFD / abstention decision over the row table, winner gathers.
-- ``write_kv`` / ``copy_kv_slots``: paged-KV scatter by slot and slot -> slot copies across all layers.
+- ``copy_kv_slots``: slot -> slot paged-KV copies across all layers in one launch (VFD's commit).
+- ``write_kv``: paged-KV scatter of new tokens by slot, the design card's FA-layout KV write
+  (``patches.vllm_0_32.kv_layout.write_kv_fa2``). No runner path calls it today (VFD commits through
+  ``copy_kv_slots``); it stays as a tested, benchmarked op for a candidate forward that writes its own KV.
 
 Importing this package needs neither Triton nor vLLM; the Triton launchers raise if called without
 Triton. Set ``TRITON_INTERPRET=1`` *before* importing to run the Triton launchers on CPU tensors.

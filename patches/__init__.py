@@ -1,8 +1,18 @@
-"""Adapters to vLLM internals: the only code in value_steer that touches them.
+"""Adapters to vLLM internals: the only code in value_steer that touches them (layer 3).
 
-One module per supported vLLM minor version. Each exports ``VLLM_VERSIONS`` (the version prefixes it
-binds to), ``CONTRACT`` (what it relies on, checked by ``value-steer-compat``), ``worker_base()``,
-``install_runner(worker, engine_factory)`` and ``RequestArgsValidator``.
+One package per supported vLLM minor version (``SUPPORTED``; today ``vllm_0_32``), chosen for the installed
+vLLM by :func:`get_adapter`. An adapter exports (``patches/vllm_0_32/__init__.py``, ``__all__``):
+
+- what it binds to: ``VLLM_VERSIONS``, ``SUPPORTED_RUNNERS``, ``CONTRACT`` and ``check_contract`` (run by
+  ``value-steer-compat``);
+- start-up: ``install_startup_hook`` (what value_steer's ``vllm.general_plugins`` entry point runs in every
+  vLLM process), ``prepare_engine_args``, ``StartupError``;
+- the worker side: ``worker_base``, ``check_engine_config``, ``has_request_validator``,
+  ``init_device_with_runner``, ``runner_mixins``,
+  ``runner_class``, ``kv_budget_for_scheduler``, ``batch_capacity``, ``model_hidden_size``, ``max_num_seqs``;
+- vLLM's request-id convention: ``client_request_id``, ``request_id_matches``;
+- the API process: ``RequestArgsValidator`` and ``REQUEST_VALIDATOR`` (what the start-up hook adds to the
+  engine's logits processors), ``CONFIG_ENV`` and ``publish_config`` (the server-config hand-off).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ def adapter_name(version: str | None = None) -> str:
     if minor not in SUPPORTED:
         raise RuntimeError(
             f"value_steer supports vLLM {sorted(SUPPORTED)}; installed vLLM is {version}. "
-            "Install a supported version or add an adapter under value_steer/patches/."
+            "Install a supported version or add an adapter under patches/ (value_steer.patches)."
         )
     return SUPPORTED[minor]
 

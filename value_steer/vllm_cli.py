@@ -1,11 +1,11 @@
-"""``python -m value_steer.vllm_cli serve ...``: the documented launcher path (serving layer).
+"""``python -m value_steer.vllm_cli serve ...``: ``vllm serve`` where vLLM is the CPU build (serving layer).
 
 The launcher lives in :mod:`value_steer.serving.launcher`; this module keeps the public name stable.
 """
 
-from value_steer.serving.launcher import main, prepare_argv
+from value_steer.serving.launcher import main
 
-__all__ = ["main", "prepare_argv"]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,9 @@
-"""API-process side of vLLM 0.32: request validation (HTTP 400) and the server-config hand-off.
+"""Request policy for vLLM 0.32: validation in the API process (HTTP 400), the server-config hand-off, and
+how the worker ends a request whose steering arguments it refuses.
 
-The worker publishes ``--additional-config`` through ``VALUE_STEER_CONFIG`` for in-process engines; the
-launcher sets it for the API process. One home for that protocol: :func:`publish_config` / :func:`_api_config`.
+The start-up hook (``worker.prepare_engine_args``) publishes ``--additional-config`` through
+``VALUE_STEER_CONFIG`` for the API process; the worker does the same for in-process engines. One home for
+that protocol: :func:`publish_config` / :func:`_api_config`.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ except ImportError:  # pragma: no cover
 class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-type]
     """Validates value_steer's ``extra_args`` in the API process, so a bad value is an HTTP 400.
 
-    vLLM runs ``validate_params`` for every ``--logits-processors`` class when a request arrives. The
-    server config is read from ``VALUE_STEER_CONFIG`` (set by ``value_steer.serving.launcher`` from
+    vLLM runs ``validate_params`` for every ``--logits-processors`` class when a request arrives; the
+    start-up hook adds this class to the engine's logits processors whenever ``ValueSteerWorker`` is
+    configured. The server config is read from ``VALUE_STEER_CONFIG`` (published by the same hook from
     ``--additional-config``); without it only config-independent checks run. As a logits processor it
     does nothing (argmax invariant, identity).
     """
@@ -71,6 +74,42 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
 
     def update_state(self, batch_update: Any) -> None:
         return None
+
+
+def end_token(sampling_params: Any) -> int | None:
+    """The token id that ends this request at once in vLLM 0.32's scheduler (``check_stop``), or None.
+
+    The scheduler stops on the request's EOS (``eos_token_id``; None under ``ignore_eos``) and on its
+    ``stop_token_ids``, both before it looks at ``min_tokens``. Without either, any EOS id the engine knows
+    (``all_stop_token_ids``) still yields no text when detokenised (a special token), but the request then
+    runs to ``max_tokens``.
+    """
+    if sampling_params.eos_token_id is not None:
+        return int(sampling_params.eos_token_id)
+    if sampling_params.stop_token_ids:
+        return int(sampling_params.stop_token_ids[0])
+    known = sampling_params.all_stop_token_ids
+    return min(known) if known else None
+
+
+def refused_sampling_params(sampling_params: Any) -> Any | None:
+    """The worker's copy of a refused request's ``SamplingParams``: the only token it can sample is its end
+    token (:func:`end_token`), so it ends at its first decode step with no text (finish reason ``stop``).
+
+    Returns None when the request has no token that could end it. Only the worker's copy changes: the
+    scheduler keeps the client's parameters, so stop checks, ``max_tokens`` and the response are vLLM's own.
+    """
+    end = end_token(sampling_params)
+    if end is None:
+        return None
+    sp = sampling_params.clone()
+    sp.allowed_token_ids = [end]
+    # The processors that could mask the end token: min_tokens masks stop tokens (the scheduler checks
+    # EOS and stop_token_ids before min_tokens, so ending at once is still what it honours), a logit bias
+    # could push it to -inf.
+    sp.min_tokens = 0
+    sp.logit_bias = None
+    return sp
 
 
 _API_CONFIG: tuple[str, SteerConfig | None] | None = None

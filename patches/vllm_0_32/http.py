@@ -1,36 +1,38 @@
 """API-process side for vLLM 0.32's OpenAI server: per-request steering stats over HTTP and ``/metrics``.
 
-``value_steer.serving.launcher`` adds ``--middleware`` with this adapter's ``HTTP_MIDDLEWARE`` when the
-server runs ``ValueSteerWorker``. The steering state lives in the worker process; this middleware
-reads it through ``app.state.engine_client.collective_rpc`` (``AsyncLLM.collective_rpc``), the one
-vLLM internal it binds to (listed in ``vllm_0_32.CONTRACT``):
+The start-up hook (``worker.install_startup_hook``) calls :func:`install_routes` in an API server process
+whose engine runs ``ValueSteerWorker``: no ``--middleware`` flag is needed. vLLM builds its app with
+``launchers.app.build_app``, which calls ``init_entrypoints_middleware(args, app, supported_tasks)``; the
+hook wraps that call to add, before vLLM's own middleware (so ``--api-key`` and CORS apply to ours too):
 
-- ``GET /v1/value_steer/requests/{id}``: the stats of a live or recently finished request. ``id`` is the
-  response's ``id`` (``cmpl-...`` / ``chatcmpl-...``); vLLM's internal ids extend it with suffixes.
-  404 when the worker does not know it.
+- ``GET /v1/value_steer/requests/{id}`` (a FastAPI route): the stats of a live or recently finished
+  request. ``id`` is the response's ``id`` (``cmpl-...`` / ``chatcmpl-...``); vLLM's internal ids extend
+  it with suffixes. 404 when the worker does not know it.
 - ``GET /v1/value_steer/stats``: the process-wide counters as JSON.
-- ``GET /metrics``: before vLLM renders it, the counters are pulled once and exported as
-  ``value_steer_*_total`` counter families (``value_steer.runtime.metrics``).
+- ``GET /metrics`` (an HTTP middleware): before vLLM renders it, the counters are pulled once and exported
+  as ``value_steer_*_total`` counter families (``value_steer.runtime.metrics``).
+
+The steering state lives in the worker processes; the routes read it through
+``app.state.engine_client.collective_rpc`` (``AsyncLLM.collective_rpc``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
 
+# FastAPI resolves route parameters by annotation: a handler's ``request: Request`` is the HTTP request.
+from fastapi import Request
+
 from value_steer.runtime.metrics import steering_collector
+from value_steer.runtime.state import MAX_FINISHED_KEPT
 
 logger = logging.getLogger("value_steer")
 
 STATS_PREFIX = "/v1/value_steer/"
 RPC_TIMEOUT_S = 10.0
-
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    # vLLM then serves /metrics from a MultiProcessCollector (--api-server-count > 1), not from REGISTRY.
-    logger.warning("value_steer: PROMETHEUS_MULTIPROC_DIR is set, so value_steer_* counters are not on /metrics; "
-                   "read them from GET %sstats", STATS_PREFIX)
-_COLLECTOR = steering_collector()
 
 
 async def _rpc(request: Any, method: str, *args: Any) -> Any:
@@ -39,32 +41,65 @@ async def _rpc(request: Any, method: str, *args: Any) -> Any:
     return results[0] if isinstance(results, list) else results
 
 
-async def value_steer_http(request: Any, call_next: Any) -> Any:
-    """Starlette HTTP middleware (``--middleware``)."""
-    path = request.url.path
-    if request.method == "GET" and path == "/metrics":
-        try:
-            _COLLECTOR.update((await _rpc(request, "value_steer_stats"))["counters"])
-        except Exception:  # a failed pull must not take vLLM's own metrics down; it is logged and counted
-            logger.exception("value_steer: pulling worker counters for /metrics failed")
-            _COLLECTOR.record_error()
-        return await call_next(request)
-    if not path.startswith(STATS_PREFIX):
-        return await call_next(request)
-
+async def _stats(request: Request) -> Any:
     from fastapi.responses import JSONResponse
 
-    if request.method != "GET":
-        return JSONResponse({"error": {"message": f"{path}: only GET is allowed", "code": 405}}, status_code=405)
-    rest = path[len(STATS_PREFIX):]
-    if rest == "stats":
-        return JSONResponse(await _rpc(request, "value_steer_stats"))
-    if rest.startswith("requests/") and len(rest) > len("requests/"):
-        req_id = rest[len("requests/"):]
-        answer = await _rpc(request, "value_steer_stats", req_id)
-        if answer.get("stats") is None:
-            return JSONResponse({"error": {"message": f"value_steer: unknown request id {req_id!r} (finished "
-                                           "requests are kept for the last 4096)", "code": 404}}, status_code=404)
-        return JSONResponse(answer)
-    return JSONResponse({"error": {"message": f"{path}: unknown value_steer route; routes: {STATS_PREFIX}stats, "
-                                   f"{STATS_PREFIX}requests/{{id}}", "code": 404}}, status_code=404)
+    return JSONResponse(await _rpc(request, "value_steer_stats"))
+
+
+async def _request_stats(request: Request, request_id: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    answer = await _rpc(request, "value_steer_stats", request_id)
+    if answer.get("stats") is None:
+        return JSONResponse({"error": {"message": f"value_steer: unknown request id {request_id!r} (finished "
+                                       f"requests are kept for the last {MAX_FINISHED_KEPT})", "code": 404}},
+                            status_code=404)
+    return JSONResponse(answer)
+
+
+def _metrics_middleware() -> Any:
+    collector = steering_collector()
+
+    async def value_steer_metrics(request: Any, call_next: Any) -> Any:
+        if request.method == "GET" and request.url.path == "/metrics":
+            try:
+                collector.update((await _rpc(request, "value_steer_stats"))["counters"])
+            except Exception:  # a failed pull must not take vLLM's own metrics down; it is logged and counted
+                logger.exception("value_steer: pulling worker counters for /metrics failed")
+                collector.record_error()
+        return await call_next(request)
+
+    return value_steer_metrics
+
+
+def add_routes(app: Any) -> None:
+    """Add the stats routes and the ``/metrics`` pull to a FastAPI ``app`` (idempotent)."""
+    if getattr(app.state, "value_steer_routes", False):
+        return
+    app.state.value_steer_routes = True
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # vLLM then serves /metrics from a MultiProcessCollector (--api-server-count > 1), not from REGISTRY.
+        logger.warning("value_steer: PROMETHEUS_MULTIPROC_DIR is set, so value_steer_* counters are not on "
+                       "/metrics; read them from GET %sstats", STATS_PREFIX)
+    app.add_api_route(STATS_PREFIX + "stats", _stats, methods=["GET"], include_in_schema=False)
+    app.add_api_route(STATS_PREFIX + "requests/{request_id:path}", _request_stats, methods=["GET"],
+                      include_in_schema=False)
+    app.middleware("http")(_metrics_middleware())
+
+
+def install_routes() -> None:
+    """Make vLLM's app builder add :func:`add_routes` to every app it builds in this process (idempotent)."""
+    import vllm.entrypoints.launchers.app as app_module
+
+    original = app_module.init_entrypoints_middleware
+    if getattr(original, "_value_steer_routes", False):
+        return
+
+    @functools.wraps(original)
+    def init_entrypoints_middleware(args: Any, app: Any, *rest: Any, **kwargs: Any) -> Any:
+        add_routes(app)  # first: vLLM's middleware (authentication, CORS) then wraps ours
+        return original(args, app, *rest, **kwargs)
+
+    init_entrypoints_middleware._value_steer_routes = True  # type: ignore[attr-defined]
+    app_module.init_entrypoints_middleware = init_entrypoints_middleware

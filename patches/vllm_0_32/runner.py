@@ -44,6 +44,18 @@ class SteeringRunnerMixin:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def _vs_sync_requests(self, scheduler_output: Any) -> None:
+        """Register new requests and release finished ones, before vLLM's own batch update.
+
+        Fail closed: a request whose steering arguments are invalid (the API-side validator absent) or that
+        VFD cannot filter (checked here too, so a VFD row never holds one) is never decoded unsteered. It is
+        registered as refused (stats ``error``, ``requests_refused``) and its worker-side sampling params are
+        replaced so that its first sampled token is its end token: it ends at once with no text.
+        """
+        # Function-local: these run per admitted request only, and keep this method self-contained.
+        from value_steer.core.config import parse_request_args, vfd_unsupported_reason
+        from value_steer.core.modes import MODE_VFD
+        from value_steer.patches.vllm_0_32.api import refused_sampling_params
+
         st = self._vs_state
         for req_id in scheduler_output.finished_req_ids:
             st.finish_request(req_id)
@@ -51,15 +63,31 @@ class SteeringRunnerMixin:
             sp = new.sampling_params
             if sp is None:  # pooling request
                 continue
-            try:
-                st.add_request(new.req_id, sp.extra_args, sp.eos_token_id, sp.ignore_eos, sp.min_tokens,
-                               sp.logprobs is not None)
-            except RequestArgError as exc:
-                # Requests are validated in the API process (RequestArgsValidator -> HTTP 400); one that got
-                # here unvalidated (validator not installed) must not take the engine down.
-                logger.error("value_steer: request %s has invalid extra_args (%s); serving it unsteered",
-                             new.req_id, exc)
-                st.add_unsteered(new.req_id, str(exc))
+            known = st.requests.get(new.req_id)
+            if known is None:
+                try:
+                    reason = vfd_unsupported_reason(sp) if st.config.mode == MODE_VFD else None
+                    if reason is not None and parse_request_args(
+                            sp.extra_args, st.config, st.default_threshold).mode == MODE_VFD:
+                        error = (f"vfd cannot steer a request with {reason}; send value_steer=false to serve "
+                                 "it unsteered")
+                    else:
+                        st.add_request(new.req_id, sp.extra_args, sp.eos_token_id, sp.ignore_eos, sp.min_tokens,
+                                       sp.logprobs is not None)
+                        continue
+                except RequestArgError as exc:
+                    error = str(exc)
+                # Reaching here means the request skipped RequestArgsValidator (HTTP 400 in the API process).
+                logger.error("value_steer: request %s refused, ending it with no text: %s", new.req_id, error)
+                st.add_refused(new.req_id, f"value_steer refused the request: {error}")
+            elif known.info.error is None:
+                continue  # re-sent (streaming input) and accepted before
+            # A refused request, new or re-sent by the scheduler: the worker's copy may sample only its end token.
+            ended = refused_sampling_params(sp)
+            if ended is None:
+                raise RuntimeError(f"value_steer: request {new.req_id} was refused but has no EOS or stop token "
+                                   "to end it with; refusing to decode it unsteered")
+            new.sampling_params = ended
 
     def _vs_begin_step(self) -> None:
         """After vLLM's batch update (``_update_states``): refresh the slot tables if the batch composition

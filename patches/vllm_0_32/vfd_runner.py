@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import operator
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,9 @@ from value_steer.core.vfd_math import (
     slot_of,
 )
 from value_steer.runtime.staging import PackedStaging
+from value_steer.runtime.vfd_schedule import ScheduleModel
 from value_steer.runtime.vfd_state import ScratchAllocator, SteadyLayout, VFDPipelines
-from value_steer.runtime.vfd_step import advance, select_winners
+from value_steer.runtime.vfd_step import Winners, advance, select_winners
 
 logger = logging.getLogger("value_steer")
 
@@ -91,6 +93,7 @@ class _StepPlan:
     extra_reqs: int = 0
     extra_positions: torch.Tensor | None = None
     forward_active: bool = False
+    two_phase: bool = False  # steady rows forward candidate 0 only; alternatives in a second forward
 
 
 class VFDRunnerMixin:
@@ -134,6 +137,9 @@ class VFDRunnerMixin:
         }
         super().__init__(cfg2, device)  # type: ignore[call-arg]
         seed = getattr(vllm_config.model_config, "seed", None)
+        self._vfd_schedule = ScheduleModel(
+            mode=getattr(cfg, "schedule", "auto"), device_kind=torch.device(self.device).type  # type: ignore[attr-defined]
+        )
         self._vfd_generator = torch.Generator(device=self.device)  # type: ignore[attr-defined]
         self._vfd_generator.manual_seed(int(seed) if seed is not None else 0)
         if getattr(self, "uses_mrope", False):
@@ -280,6 +286,8 @@ class VFDRunnerMixin:
     def execute_model(self, scheduler_output: Any, intermediate_tensors: Any = None) -> Any:
         self._vfd_plan = None
         self._vfd_release_stale(scheduler_output)
+        sched = self._vfd_schedule
+        t_start = time.perf_counter()
         try:
             out = super().execute_model(scheduler_output, intermediate_tensors)  # type: ignore[misc]
         except BaseException:
@@ -289,6 +297,10 @@ class VFDRunnerMixin:
         self._vfd_restore()
         plan = self._vfd_plan
         state = getattr(self, "execute_model_state", None)
+        if sched.timed and state is not None:
+            extra = plan.extra_tokens if plan is not None else 0
+            tokens = int(scheduler_output.total_num_scheduled_tokens) + extra
+            sched.observe_forward(tokens, (time.perf_counter() - t_start) * 1e3)
         if plan is not None:
             if state is None:
                 self._vfd_plan = None
@@ -331,6 +343,8 @@ class VFDRunnerMixin:
         )
         self._vfd_plan = plan
         if plan.steady_batch.size:
+            choice = self._vfd_schedule.choose(plan.num_scheduled_tokens, int(plan.steady_batch.size), self._vfd_k)
+            plan.two_phase = choice == "two_phase"
             self._vfd_rewrite(plan)
         return out
 
@@ -349,7 +363,7 @@ class VFDRunnerMixin:
         i = plan.steady_batch
         q = plan.steady_pos
         lay = self._vfd_pipelines().plan_steady(
-            plan.steady_rows, q, qsl.np[i].astype(np.int64), tab, i, bs, r0, t0
+            plan.steady_rows, q, qsl.np[i].astype(np.int64), tab, i, bs, r0, t0, alternatives=not plan.two_phase
         )
         plan.layout = lay
         e = lay.num_extra
@@ -455,39 +469,37 @@ class VFDRunnerMixin:
         return out
 
     # ---- the first-token forward ----------------------------------------------------------------------
-    def _vfd_forward(
-        self, tokens: list[int], positions: list[int], rows: list[list[int]], slots: list[int]
-    ) -> torch.Tensor:
-        """One forward over ``E`` one-token attention sequences; returns their final hidden states ``[E, H]``."""
+    def _vfd_forward(self, input_ids: torch.Tensor, positions: np.ndarray, block_rows: np.ndarray,
+                     slots: np.ndarray) -> torch.Tensor:
+        """One forward over ``E`` one-token attention sequences; returns their final hidden states ``[E, H]``.
+
+        Args:
+            input_ids: ``[E]`` device token ids; positions / slots: ``[E]`` int64 numpy;
+            block_rows: ``[E, max_blocks]`` numpy block-table rows (one staged host->device copy for all).
+        """
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import BatchDescriptor, set_forward_context
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         dev = self.device  # type: ignore[attr-defined]
-        e = len(tokens)
-        width = int(self.input_batch.block_table[0].block_table.gpu.shape[1])  # type: ignore[attr-defined]
-        table = torch.zeros((e, width), dtype=torch.int32)
-        for j, r in enumerate(rows):
-            table[j, : len(r)] = torch.tensor(r, dtype=torch.int32)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        seq_lens = (pos + 1).to(torch.int32)
-        qsl = torch.arange(e + 1, dtype=torch.int32)
-        slot = torch.tensor(slots, dtype=torch.int64, device=dev)
-        pos_d = pos.to(dev)
+        e = int(positions.shape[0])
+        seq_lens = positions.astype(np.int64) + 1
+        qsl = np.arange(e + 1, dtype=np.int64)
+        pos_d, slot_d, table_d, seq_d, qsl_d = self._vfd_stage([positions, slots, block_rows, seq_lens, qsl])
         cm = CommonAttentionMetadata(
-            query_start_loc=qsl.to(dev),
-            query_start_loc_cpu=qsl,
-            seq_lens=seq_lens.to(dev),
+            query_start_loc=qsl_d.to(torch.int32),
+            query_start_loc_cpu=torch.from_numpy(qsl.astype(np.int32)),
+            seq_lens=seq_d.to(torch.int32),
             num_reqs=e,
             num_actual_tokens=e,
             max_query_len=1,
             max_seq_len=int(seq_lens.max()),
-            block_table_tensor=table.to(dev),
-            slot_mapping=slot,
+            block_table_tensor=table_d.view(e, -1).to(torch.int32),
+            slot_mapping=slot_d,
             causal=True,
             positions=pos_d,
             is_prefilling=torch.zeros(e, dtype=torch.bool),
-            seq_lens_cpu_upper_bound=seq_lens,
+            seq_lens_cpu_upper_bound=torch.from_numpy(seq_lens.astype(np.int32)),
         )
         group = self.kv_cache_config.kv_cache_groups[0]  # type: ignore[attr-defined]
         attn_metadata: dict[str, Any] = {}
@@ -495,8 +507,7 @@ class VFDRunnerMixin:
             md = ag.build_metadata(cm)
             for name in ag.layer_names:
                 attn_metadata[name] = md
-        slot_by_layer = {name: slot for name in group.layer_names}
-        input_ids = torch.tensor(tokens, dtype=self.input_ids.gpu.dtype, device=dev)  # type: ignore[attr-defined]
+        slot_by_layer = {name: slot_d for name in group.layer_names}
         with set_forward_context(
             attn_metadata,
             self.vllm_config,  # type: ignore[attr-defined]
@@ -507,18 +518,17 @@ class VFDRunnerMixin:
             is_padding=torch.zeros(e, dtype=torch.bool, device=dev),
         ):
             hidden = self._model_forward(  # type: ignore[attr-defined]
-                input_ids=input_ids,
+                input_ids=input_ids.to(self.input_ids.gpu.dtype),  # type: ignore[attr-defined]
                 positions=pos_d,
                 intermediate_tensors=None,
                 inputs_embeds=None,
                 **self._init_model_kwargs(),  # type: ignore[attr-defined]
             )
-        self._vfd_counters["first_token_forwards"] += 1
         return hidden[:e]
 
     # ---- processed distributions ------------------------------------------------------------------------
     def _vfd_processed(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampler's processed logits for ``rows`` (memo §4) and which rows are greedy.
+        """The sampler's processed logits for ``rows`` (docs/vllm-0.32-internals.md §4) and which rows are greedy.
 
         Computed on a copy of the full batch (the logits processors' state is indexed by batch row).
         """
@@ -656,6 +666,7 @@ class VFDRunnerMixin:
                     for j in lp_idx.tolist()]
             for j, info in zip(lp_idx.tolist(), candidate_logprobs(dist, toks.index_select(0, sel), nums)):
                 f_lp[j] = info
+        width = int(bt.block_table.np.shape[1])
         seq_tok: list[int] = []
         seq_pos: list[int] = []
         seq_rows: list[list[int]] = []
@@ -686,9 +697,66 @@ class VFDRunnerMixin:
         if src:
             s_t, d_t = self._vfd_stage([np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)])
             self._vfd_copy_slots(s_t, d_t)
-        hidden = self._vfd_forward(seq_tok, seq_pos, seq_rows, seq_slots)
+        table = np.zeros((len(seq_rows), width), dtype=np.int64)
+        for j, r in enumerate(seq_rows):
+            table[j, : len(r)] = r
+        ids = torch.tensor(seq_tok, dtype=torch.int64).to(dev, non_blocking=True)
+        pos_np, slots_np = np.asarray(seq_pos, dtype=np.int64), np.asarray(seq_slots, dtype=np.int64)
+        hidden = self._vfd_forward(ids, pos_np, table, slots_np)
+        self._vfd_counters["first_token_forwards"] += 1
         flat_t, nvalid_t = self._vfd_stage([flat, nvalid])
         return toks, nvalid_t.clone(), hidden.index_select(0, flat_t), f_lp
+
+    # ---- two-phase VFD: alternatives only for the rows whose natural sample is unsafe ---------------------
+    def _vfd_second_phase(self, plan: _StepPlan, rows_t: torch.Tensor, tokens: torch.Tensor, nvalid: torch.Tensor,
+                          hidden: torch.Tensor, k_r: torch.Tensor
+                          ) -> tuple[Winners | None, torch.Tensor, torch.Tensor]:
+        """Score every steady row's natural sample (candidate 0, forwarded in the main forward); forward the
+        alternatives ``1..k-1`` of the unsafe rows in a second forward at the same position (their scratch
+        blocks mirror the real block, as in eager VFD).
+
+        Returns ``(winners, num_valid [S], hidden [S * k_max, H])``. ``winners`` is set when every natural
+        sample is safe (candidate 0 wins everywhere: no second forward, no second device read; the caller
+        records the stats); otherwise
+        the alternatives' states are placed into ``hidden`` and rows without alternatives keep one valid
+        candidate, so the common selection commits exactly what eager VFD would.
+        """
+        st = self._vs_state
+        pipes = self._vfd_pipelines()
+        kmax = self._vfd_k
+        s = int(rows_t.shape[0])
+        h0 = hidden.view(s, kmax, -1)[:, 0]
+        v0 = st.values(h0)
+        rt = st.rows
+        signed = rt.sign.index_select(0, rows_t) * (v0 - rt.threshold.index_select(0, rows_t))
+        unsafe = ~(signed < 0) & (k_r > 1)  # NaN is never safe; a row with K=1 has no alternative
+        flags_h, tok0_h = torch.stack([unsafe.long(), tokens[:, 0]]).cpu().numpy()
+        alt = np.flatnonzero(flags_h)
+        self._vfd_schedule.observe(s, int(alt.size))
+        if not alt.size:
+            zeros = torch.zeros(s, dtype=torch.bool, device=v0.device)
+            won = Winners(np.zeros(s, dtype=np.int64), tok0_h, tokens[:, 0], v0, zeros, h0)
+            return won, torch.ones_like(nvalid), hidden
+        bt = self.input_batch.block_table[0]  # type: ignore[attr-defined]
+        bs = int(bt.block_size)
+        srows = plan.steady_rows[alt]
+        n_alt = pipes.k[srows] - 1
+        parent = np.repeat(alt, n_alt)
+        cols = np.arange(int(n_alt.sum())) - np.repeat(np.cumsum(n_alt) - n_alt, n_alt) + 1
+        q = plan.steady_pos[parent]
+        scratch = pipes.scratch[plan.steady_rows[parent], cols]
+        block_rows = bt.block_table.np[plan.steady_batch[parent]].astype(np.int64)
+        block_rows[np.arange(parent.size), q // bs] = scratch
+        row_d, col_d, dest_d = self._vfd_stage([plan.steady_rows[parent], cols, parent * kmax + cols])
+        ids = pipes.pending_tokens[row_d, col_d]
+        t_start = time.perf_counter()
+        hidden_alt = self._vfd_forward(ids, q, block_rows, scratch * bs + q % bs)
+        if self._vfd_schedule.timed:
+            self._vfd_schedule.observe_forward(int(parent.size), (time.perf_counter() - t_start) * 1e3, second=True)
+        self._vfd_schedule.counters["second_forwards"] += 1
+        self._vfd_schedule.counters["second_forward_rows"] += int(parent.size)
+        hidden = hidden.index_copy(0, dest_d, hidden_alt.to(hidden.dtype))
+        return None, torch.where(unsafe, nvalid, torch.ones_like(nvalid)), hidden
 
     # ---- the per-step decision --------------------------------------------------------------------------
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
@@ -716,19 +784,32 @@ class VFDRunnerMixin:
         #    forward; first-token rows drawn and forwarded now.
         k_r = st.rows.num_candidates.index_select(0, rows_t).clamp(max=kmax).long()
         tok_parts, nv_parts, hid_parts = [], [], []
+        drawn_nv: list[torch.Tensor] = []
         # Logprob bookkeeping of the candidates, for rows whose request asked for logprobs only.
         lp_of: dict[int, Any] = {
             j: pipes.pending_logprobs.get(int(plan.steady_rows[j])) for j in np.flatnonzero(want_lp[:n_steady]).tolist()
         }
+        won: Winners | None = None
         if n_steady:
             s_rows_t = rows_t[:n_steady]
-            tok_parts.append(pipes.pending_tokens.index_select(0, s_rows_t))
-            nv_parts.append(pipes.pending_nvalid.index_select(0, s_rows_t))
-            hid_parts.append(plan.steady_hidden)
+            tok_s = pipes.pending_tokens.index_select(0, s_rows_t)
+            nv_s = pipes.pending_nvalid.index_select(0, s_rows_t)
+            hid_s = plan.steady_hidden
+            drawn_nv = [nv_s]  # what was drawn (debug records list every drawn candidate)
+            if plan.two_phase:
+                won, nv_s, hid_s = self._vfd_second_phase(plan, s_rows_t, tok_s, nv_s, hid_s, k_r[:n_steady])
+                if won is not None and plan.first_batch.size:
+                    won = None  # first-token rows join the common selection below (candidate 0 still wins)
+                elif won is not None:
+                    st.stats.record(s_rows_t, won.value, won.intervened, eos_forced=False)
+            tok_parts.append(tok_s)
+            nv_parts.append(nv_s)
+            hid_parts.append(hid_s)
         if plan.first_batch.size:
             toks_f, nv_f, hid_f, f_lp = self._vfd_first_token(plan, logits, batch_t[n_steady:], want_lp[n_steady:])
             tok_parts.append(toks_f)
             nv_parts.append(nv_f)
+            drawn_nv.append(nv_f)
             hid_parts.append(hid_f)
             lp_of.update({n_steady + j: info for j, info in enumerate(f_lp) if info is not None})
         tokens = torch.cat(tok_parts) if len(tok_parts) > 1 else tok_parts[0]
@@ -736,13 +817,17 @@ class VFDRunnerMixin:
         hidden_all = torch.cat(hid_parts) if len(hid_parts) > 1 else hid_parts[0]
 
         # 2. Score and select; the step's one device->host read (vLLM's host-side output lists need the winners).
-        won = select_winners(st, rows_t, tokens, nvalid, hidden_all)
+        #    A two-phase step whose natural samples were all safe already has them (candidate 0 everywhere).
+        if won is None:
+            won = select_winners(st, rows_t, tokens, nvalid, hidden_all)
+            if n_steady and not plan.two_phase:
+                self._vfd_schedule.observe(n_steady, int((won.col[:n_steady] != 0).sum()))
         win_col_h, win_tok_h, win_hidden = won.col, won.token, won.hidden
 
         # 3. The steered rows continue from the winner: its logits replace the row's.
         redo = np.flatnonzero((np.arange(n_rows) >= n_steady) | (win_col_h != 0))
         if redo.size:
-            sel = torch.from_numpy(redo).to(dev, non_blocking=True)
+            (sel,) = self._vfd_stage([redo])
             new_logits = self.model.compute_logits(win_hidden.index_select(0, sel))  # type: ignore[attr-defined]
             logits.index_copy_(0, batch_t.index_select(0, sel), new_logits.to(logits.dtype))
 
@@ -805,7 +890,7 @@ class VFDRunnerMixin:
         )
         if self._vfd_debug is not None:
             req_ids = [ib.req_ids[int(b)] for b in batch_rows]
-            nv_h = nvalid.tolist()
+            nv_h = torch.minimum(torch.cat(drawn_nv), k_r).tolist()
             cands = [t[:nv] for t, nv in zip(tokens.tolist(), nv_h)]
             values = st.values(hidden_all).view(n_rows, kmax)  # debug only: recomputed, read back
             self._vfd_record_debug(req_ids, positions.tolist(), cands, values, win_col_h.tolist(), win_tok_l)
@@ -847,6 +932,8 @@ class VFDRunnerMixin:
             "scratch_capacity": sc.capacity if sc else 0,
             "scratch_free": sc.num_free if sc else 0,
             "live": sorted(self._vfd_live),
-            "counters": dict(self._vfd_counters),
+            "counters": {**self._vfd_counters, **self._vfd_schedule.counters},
+            "unsafe_rate": self._vfd_schedule.rate,
+            "cost_ms": dict(self._vfd_schedule.coef),
             "steps": copy.deepcopy(self._vfd_debug) if self._vfd_debug is not None else None,
         }

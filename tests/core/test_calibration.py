@@ -14,14 +14,17 @@ from value_steer.core.calibration import (
     calibration_record,
     conformal_quantile,
     conformal_rank,
-    martingale_threshold,
-    posterior_threshold,
     strictly_above,
     trajectory_scores,
 )
 from value_steer.core.checkpoint import load_value_head, save_value_head
 from value_steer.core.selection import force_eos
 from value_steer.core.value_head import ValueHead
+
+
+def threshold(labels, trajectories, tau: float, mode: str = "max") -> float:
+    """The calibrated threshold, through the one entry point (``calibration_record``)."""
+    return calibration_record(labels, trajectories, tau, mode)["threshold"]
 
 # --------------------------------------------------------------------------------------------------
 # conformal_quantile: exact ranks
@@ -107,7 +110,7 @@ def test_threshold_equal_value_does_not_cross_in_fp32() -> None:
     p = np.float32(0.7)
     trajectories = np.full((9, 3), 0.2, dtype=np.float32)
     trajectories[:, 1] = p  # all nine safe trajectories peak at exactly 0.7
-    t = posterior_threshold(np.zeros(9, dtype=int), trajectories, 0.2)
+    t = threshold(np.zeros(9, dtype=int), trajectories, 0.2)
     assert t > float(p)
     thr = torch.tensor([t, t], dtype=torch.float32)
     assert float(thr[0]) == t
@@ -163,36 +166,38 @@ def test_trajectory_scores_validation() -> None:
 # thresholds
 
 
-def test_posterior_threshold_uses_only_safe_trajectories() -> None:
+def test_threshold_uses_only_safe_trajectories() -> None:
     safe = [np.array([0.1, 0.3]), np.array([0.2]), np.array([0.5, 0.4]), np.array([0.35])]
     labels = [0, 0, 0, 0, 1, 1]
     bad_a = [np.array([0.99]), np.array([0.95, 0.97])]
     bad_b = [np.array([0.01]), np.array([0.02])]
-    t_a = posterior_threshold(labels, safe + bad_a, 0.4)
-    t_b = posterior_threshold(labels, safe + bad_b, 0.4)
+    t_a = threshold(labels, safe + bad_a, 0.4)
+    t_b = threshold(labels, safe + bad_b, 0.4)
     # safe maxes 0.3, 0.2, 0.5, 0.35; n = 4, tau = 0.4 -> k = ceil(3) = 3 -> 0.35
     assert t_a == t_b == strictly_above(0.35)
     with pytest.raises(ValueError, match="safe"):
-        posterior_threshold([1, 1], bad_a, 0.4)
+        threshold([1, 1], bad_a, 0.4)
     with pytest.raises(ValueError, match="labels"):
-        posterior_threshold([0, 2], bad_a, 0.4)
+        threshold([0, 2], bad_a, 0.4)
     with pytest.raises(ValueError, match="one label per trajectory"):
-        posterior_threshold([0], bad_a, 0.4)
+        threshold([0], bad_a, 0.4)
 
 
 def test_martingale_threshold_hand_example() -> None:
     trajs = [np.array([0.2, 0.5]), np.array([0.5, 0.9]), np.array([0.5]), np.array([0.1, 0.9])]
     # safe scores: 4, 9, 1; n = 3, tau = 0.5 -> k = 2 -> 4
-    t = martingale_threshold([0, 0, 0, 1], trajs, 0.5)
+    t = threshold([0, 0, 0, 1], trajs, 0.5, "martingale")
     assert t == strictly_above(4.0)
 
 
-def test_too_few_safe_trajectories_gives_inf() -> None:
+def test_too_few_safe_trajectories_have_no_threshold() -> None:
     trajs = np.random.default_rng(3).random((8, 4))
-    assert posterior_threshold(np.zeros(8, dtype=int), trajs, 0.1) == math.inf
-    assert posterior_threshold(np.zeros(8, dtype=int), trajs, 0.2) < math.inf
-    # +inf never intervenes in the steering rules
+    # n = 8 < 1/0.1 - 1: the quantile is +inf, a threshold that never intervenes, and calibration refuses
+    assert strictly_above(conformal_quantile(trajectory_scores(trajs), 0.1)) == math.inf
     assert force_eos(torch.tensor([1.0]), torch.tensor([math.inf]), torch.ones(1)).tolist() == [False]
+    with pytest.raises(ValueError, match="too few"):
+        threshold(np.zeros(8, dtype=int), trajs, 0.1)
+    assert threshold(np.zeros(8, dtype=int), trajs, 0.2) < math.inf
 
 
 def _coverage_rates(n: int, m: int, tau: float, splits: int, seed: int, mode: str = "max") -> np.ndarray:
@@ -209,10 +214,9 @@ def _coverage_rates(n: int, m: int, tau: float, splits: int, seed: int, mode: st
     n_bad = 20
     bad = rng.uniform(0.6, 1.0, size=(splits, n_bad, T))
     labels = np.concatenate([np.zeros(n, dtype=int), np.ones(n_bad, dtype=int)])
-    fn = posterior_threshold if mode == "max" else martingale_threshold
     rates = np.empty(splits)
     for i in range(splits):
-        thr = fn(labels, np.concatenate([cal[i], bad[i]]), tau)
+        thr = threshold(labels, np.concatenate([cal[i], bad[i]]), tau, mode)
         rates[i] = np.mean(trajectory_scores(test[i], mode) >= thr)
     return rates
 
@@ -252,7 +256,7 @@ def test_coverage_holds_for_discrete_scores_and_would_fail_without_strict_thresh
     for i in range(splits):
         cal = levels[rng.integers(0, 10, size=(n, 3))]
         test = levels[rng.integers(0, 10, size=(m, 3))]
-        thr = posterior_threshold(np.zeros(n, dtype=int), cal, tau)
+        thr = threshold(np.zeros(n, dtype=int), cal, tau)
         q = conformal_quantile(trajectory_scores(cal), tau)
         s = trajectory_scores(test)
         ours[i] = np.mean(s >= thr)
@@ -273,7 +277,9 @@ def test_calibration_record_and_sidecar_round_trip(tmp_path: Path) -> None:
     assert rec["method"] == "split_conformal" and rec["score"] == "max"
     assert rec["tau"] == 0.1 and rec["n"] == 50 and rec["n_undesirable"] == 10
     assert rec["rank"] == math.ceil(51 * 0.9) == 46
-    assert rec["threshold"] == posterior_threshold(labels, trajs, 0.1) == strictly_above(rec["quantile"])
+    safe = [t for t, y in zip(trajs, labels) if y == 0]
+    assert rec["quantile"] == conformal_quantile(trajectory_scores(safe), 0.1)
+    assert rec["threshold"] == strictly_above(rec["quantile"])
     assert rec["safe_label"] == 0
     json.dumps(rec, allow_nan=False)  # JSON-ready
     path = tmp_path / "head.safetensors"
@@ -283,7 +289,7 @@ def test_calibration_record_and_sidecar_round_trip(tmp_path: Path) -> None:
 
     mrec = calibration_record(labels, trajs, 0.1, mode="martingale")
     assert mrec["score"] == "martingale"
-    assert mrec["threshold"] == martingale_threshold(labels, trajs, 0.1)
+    assert mrec["threshold"] == strictly_above(conformal_quantile(trajectory_scores(safe, "martingale"), 0.1))
 
 
 def test_calibration_record_refuses_unguaranteed() -> None:

@@ -105,3 +105,22 @@ def test_bad_request_names_field(args, field, head_file):
 def test_request_on_without_server_steering():
     with pytest.raises(RequestArgError, match="value_steer=true"):
         parse_request_args({"value_steer": True}, parse_additional_config({}), 0.5)
+
+
+@pytest.mark.parametrize(("key", "near"), [("treshold", "threshold"), ("Threshold", "threshold"),
+                                           ("thresh", "threshold"), ("num-candidates", "num_candidates"),
+                                           ("num_candidate", "num_candidates"), ("valuesteer", "value_steer"),
+                                           ("value_steer_foo", "value_steer")])
+def test_misspelled_request_key_is_refused_naming_our_keys(key, near, head_file):
+    with pytest.raises(RequestArgError) as err:
+        parse_request_args({key: 0.3}, _cfg(head_file), 0.5)
+    msg = str(err.value)
+    assert repr(key) in msg and f"did you mean {near!r}" in msg
+    assert "['value_steer', 'threshold', 'num_candidates', 'value_steer_capture']" in msg
+
+
+def test_foreign_request_keys_are_left_alone(head_file):
+    # vLLM's own extra_args keys and other plugins' keys are not value_steer's to refuse.
+    args = {"kv_transfer_params": {"x": 1}, "ec_transfer_params": None, "kv_cache_report_mode": "full",
+            "ngram_size": 3, "window_size": 100, "whitelist_token_ids": [1], "k": 2, "seed": 1}
+    assert parse_request_args(args, _cfg(head_file), 0.3).mode == MODE_VFD

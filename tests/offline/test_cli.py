@@ -30,6 +30,14 @@ def test_serve_argv_puts_the_section_in_additional_config():
     assert argv[-2:] == ["--max-num-seqs", "8"]
 
 
+def test_serve_argv_serves_the_model_under_its_folder_name():
+    argv = serve_argv("/data/models/SmolLM2-135M-Instruct", "/h.safetensors", "vfd", 4, "127.0.0.1", 8000, None, [])
+    assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
+    # A name given on the command line wins (vLLM would otherwise see the flag twice).
+    argv = serve_argv("/m/x", "/h.safetensors", "vfd", 4, "127.0.0.1", 8000, None, ["--served-model-name", "y"])
+    assert argv.count("--served-model-name") == 1 and argv[-1] == "y"
+
+
 def test_operating_point_from_eval_is_the_serve_default(tmp_path):
     import json
 
@@ -84,6 +92,7 @@ def test_serve_answers_with_the_committed_head(tmp_path):
         except RuntimeError as exc:
             pytest.fail(f"value-steer serve: {exc}")
         model = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        assert model == "SmolLM2-135M-Instruct"  # the README's request uses this name
         r = requests.post(url + "/v1/chat/completions", timeout=120, json={
             "model": model, "max_tokens": 8, "temperature": 0.8, "seed": 1,
             "messages": [{"role": "user", "content": "Write a short review of a crowded airport."}]})

@@ -1,5 +1,5 @@
-"""value_steer.offline.evaluate: the metrics and selection rule on synthetic responses, and ``value-steer eval
---quick`` end to end (real SmolLM2, committed head, vLLM CPU)."""
+"""value_steer.offline.evaluate: the plan, the statistics and selection rule on synthetic responses, the
+report and its re-render, and ``value-steer eval --quick`` end to end (real SmolLM2, committed head, vLLM CPU)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,29 @@ import sys
 
 import pytest
 
-from value_steer.offline.evaluate import (
-    EvalPlan,
+from value_steer.offline.evaluate import main
+from value_steer.offline.evaluate.plan import EvalPlan
+from value_steer.offline.evaluate.report import summary, threshold_transfer, write_report
+from value_steer.offline.evaluate.stats import (
     Response,
     choose_threshold,
     condition_metrics,
     distinct_2,
     perplexity,
-    summary,
-    threshold_transfer,
-    write_report,
+    wilson_interval,
 )
 
 
 def _r(text="a b c", lps=(-1.0, -2.0), neg=False, scored=2, interv=0, forced=False, pid="p"):
     return Response(pid, text, list(lps), neg, scored, interv, forced)
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_distinct_2_counts_word_bigrams_over_the_corpus():
@@ -73,6 +81,8 @@ def test_plan_rejects_bad_values_naming_the_field():
         EvalPlan(n_cal=1, n_test=1, max_tokens=1, ks=(4,), thresholds=(1.5,))
     with pytest.raises(ValueError, match="n_test"):
         EvalPlan(n_cal=1, n_test=0, max_tokens=1, ks=(4,), thresholds=(0.5,))
+    with pytest.raises(ValueError, match=r"ks must be integers in \[1, 64\]"):  # the config's K limit
+        EvalPlan(n_cal=1, n_test=1, max_tokens=1, ks=(65,), thresholds=(0.5,))
 
 
 def test_report_from_synthetic_results(tmp_path):
@@ -104,8 +114,6 @@ def test_report_from_synthetic_results(tmp_path):
     assert saved["summary"]["4"]["within_budget_on_calibration"] is True
 
     # --render-only rebuilds the same report from the JSON.
-    from value_steer.offline.evaluate import main
-
     saved["command"] = "value-steer eval --x"
     (tmp_path / "saved.json").write_text(json.dumps(saved))
     assert main(["--render-only", str(tmp_path / "saved.json"), "--out", str(tmp_path / "again.md")]) == 0

@@ -44,20 +44,28 @@ def head_path(tmp_path_factory):
     return write_random_head(tmp_path_factory.mktemp("head") / "head.safetensors", TINY_HIDDEN, seed=0)
 
 
-@pytest.fixture(scope="module")
-def capture_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("capture")
+
+
+@pytest.fixture(scope="module", params=["eager", "two_phase"])
+def schedule(request) -> str:
+    """Every VFD test runs with both ways of forwarding the candidates (value_steer.runtime.vfd_schedule)."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir, head_path, capture_dir):
+def capture_dir(tmp_path_factory, schedule):
+    return tmp_path_factory.mktemp(f"capture-{schedule}")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir, head_path, capture_dir, schedule):
     head = head_path
     old = os.environ.get("VALUE_STEER_DEBUG")
     os.environ["VALUE_STEER_DEBUG"] = "1"
     try:
         engine = make_llm(
             model_dir,
-            {"vfd": {"value_head_path": head, "num_candidates": K, "threshold": 0.5},
+            {"vfd": {"value_head_path": head, "num_candidates": K, "threshold": 0.5, "schedule": schedule},
              "capture": {"dir": str(capture_dir)}},
             block_size=BLOCK,
             max_num_batched_tokens=64,

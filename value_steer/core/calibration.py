@@ -17,8 +17,9 @@ float32 score (the serving path keeps values and thresholds in fp32) ``S >= thre
     P(intervene on a new safe trajectory) <= tau
 
 and, for continuous scores, the rate is exactly ``1 - k/(n+1)`` in expectation (in ``(tau - 1/(n+1), tau]``).
-When ``k > n`` (``n < 1/tau - 1``) no finite threshold has the guarantee and ``+inf`` is returned
-(never intervene).
+When ``k > n`` (``n < 1/tau - 1``) no finite threshold has the guarantee: :func:`conformal_quantile` returns
+``+inf`` (a threshold that never intervenes) and :func:`calibration_record`, the entry point
+(``value-steer calibrate``), refuses.
 
 Scores:
 - ``"max"``: ``max_t p_t``.
@@ -173,30 +174,26 @@ def _safe_scores(labels: Sequence[int] | np.ndarray, trajectories: Trajectories,
     return trajectory_scores(chosen, mode=mode)
 
 
-def posterior_threshold(labels: Sequence[int] | np.ndarray, trajectories: Trajectories, tau: float) -> float:
-    """Threshold on the value ``p`` with ``P(intervene on a new safe trajectory) <= tau``.
-
-    Only the safe (label 0) calibration trajectories are used; undesirable ones are ignored. The score is
-    ``max_t p_t`` and intervention is ``p_t >= threshold`` for some ``t``. Returns the smallest float32
-    above the conformal quantile (see the module docstring), or ``+inf`` when there are too few safe
-    trajectories for ``tau`` (fewer than ``1/tau - 1``).
-    """
-    return strictly_above(conformal_quantile(_safe_scores(labels, trajectories, "max"), tau))
-
-
-def martingale_threshold(labels: Sequence[int] | np.ndarray, trajectories: Trajectories, tau: float) -> float:
-    """As :func:`posterior_threshold` with the martingale (odds-ratio) score; the threshold is on that scale."""
-    return strictly_above(conformal_quantile(_safe_scores(labels, trajectories, "martingale"), tau))
-
-
 def calibration_record(
     labels: Sequence[int] | np.ndarray, trajectories: Trajectories, tau: float, mode: str = "max"
 ) -> dict[str, Any]:
     """Calibrate and return the sidecar's ``calibration`` object (JSON-ready).
 
-    Keys: ``method`` (``"split_conformal"``), ``score`` (the score mode), ``tau``, ``n`` (safe
-    calibration trajectories used), ``n_undesirable`` (ignored ones), ``rank`` (``k``), ``quantile`` (``q``),
-    ``threshold`` (smallest float32 above ``q``), ``rule`` and ``safe_label``.
+    Only the safe (label 0) trajectories are scored (``mode``: see :func:`trajectory_scores`); undesirable
+    ones are counted and ignored. The threshold is the smallest float32 above the conformal quantile of
+    the safe scores (see the module docstring), on the score's scale: ``p`` for ``"max"``, the odds ratio
+    for ``"martingale"``.
+
+    Args:
+        labels: ``[n_traj]`` 0 (safe) / 1 (undesirable), one per trajectory.
+        trajectories: per-token values ``p_t`` (see :func:`trajectory_scores`).
+        tau: the allowed false-intervention rate, in (0, 1).
+        mode: the score, one of :data:`SCORE_MODES`.
+
+    Returns:
+        ``method`` (``"split_conformal"``), ``score`` (the score mode), ``tau``, ``n`` (safe calibration
+        trajectories used), ``n_undesirable`` (ignored ones), ``rank`` (``k``), ``quantile`` (``q``),
+        ``threshold`` (smallest float32 above ``q``), ``rule`` and ``safe_label``.
 
     Raises:
         ValueError: when no finite threshold has the guarantee (too few safe trajectories for ``tau``).

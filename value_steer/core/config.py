@@ -13,11 +13,14 @@ values; the worker raises it at start-up, so a bad config never reaches the firs
 
 Per request (OpenAI ``vllm_xargs`` / ``SamplingParams.extra_args``): ``value_steer`` (on/off),
 ``threshold`` (float in [0, 1]), ``num_candidates`` (int, 1..configured K). A bad value raises
-:class:`RequestArgError` (a ``ValueError``: the OpenAI server answers 400).
+:class:`RequestArgError` (a ``ValueError``: the OpenAI server answers 400). ``extra_args`` is shared
+with vLLM (``kv_transfer_params``, ...) and other plugins, so a key that is not ours is left alone,
+unless it looks like a misspelling of ours (see :func:`misspelled_request_keys`).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -30,11 +33,18 @@ DEFAULT_NUM_CANDIDATES = 4
 STEER_SECTIONS = ("vfd", "abstain")
 TOP_LEVEL_KEYS = (*STEER_SECTIONS, "capture")
 _SECTION_KEYS = {
-    "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default"),
+    "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default", "schedule"),
     "abstain": ("value_head_path", "threshold", "direction", "enabled_by_default"),
     "capture": ("dir", "enabled_by_default"),
 }
+# How VFD forwards its candidates: "eager" (all K in the main forward), "two_phase" (natural sample first,
+# alternatives only for unsafe rows, in a second forward), "auto" (a per-step cost model chooses).
+VFD_SCHEDULES = ("auto", "eager", "two_phase")
 REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture")
+# How close (difflib ratio, case and "-"/"_" folded) a foreign key must be to one of REQUEST_KEYS to be
+# taken for a misspelling of it: "treshold", "Threshold", "num-candidates", "thresh" are; vLLM's own
+# extra_args keys (kv_transfer_params, ec_transfer_params, kv_cache_report_mode) are far from all of them.
+_MISSPELLING_CUTOFF = 0.8
 
 
 class ConfigError(ValueError):
@@ -68,6 +78,7 @@ class SteerConfig:
     direction: str = "above"
     enabled_by_default: bool = True
     capture: CaptureConfig | None = None
+    schedule: str = "auto"  # vfd only: how candidates are forwarded (value_steer.runtime.vfd_schedule)
 
     @property
     def sign(self) -> float:
@@ -136,10 +147,14 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
         raise ConfigError(f"{name}.direction must be one of {list(DIRECTION_SIGN)}, got {direction!r}")
     enabled = _check_bool(sec.get("enabled_by_default", True), f"{name}.enabled_by_default", ConfigError)
     k = 1
+    schedule = "auto"
     if name == "vfd":
         k = sec.get("num_candidates", DEFAULT_NUM_CANDIDATES)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_NUM_CANDIDATES:
             raise ConfigError(f"vfd.num_candidates must be an integer in [1, {MAX_NUM_CANDIDATES}], got {k!r}")
+        schedule = sec.get("schedule", "auto")
+        if schedule not in VFD_SCHEDULES:
+            raise ConfigError(f"vfd.schedule must be one of {list(VFD_SCHEDULES)}, got {schedule!r}")
     return SteerConfig(
         mode=MODE_VFD if name == "vfd" else MODE_ABSTAIN,
         value_head_path=path,
@@ -148,6 +163,7 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
         direction=direction,
         enabled_by_default=enabled,
         capture=capture,
+        schedule=schedule,
     )
 
 
@@ -204,6 +220,31 @@ def _coerce_number(value: Any, field: str) -> float:
     return float(value)
 
 
+def _fold(key: str) -> str:
+    return key.strip().lower().replace("-", "_")
+
+
+def misspelled_request_keys(extra_args: dict[str, Any]) -> dict[str, str | None]:
+    """Keys of ``extra_args`` that are not value_steer's but look meant for it: ``{key: closest of ours}``.
+
+    A key counts when it starts with ``value_steer`` / ``value-steer`` (our namespace; closest may then be
+    None) or is within :data:`_MISSPELLING_CUTOFF` of one of :data:`REQUEST_KEYS`. Other keys belong to
+    vLLM or other plugins and are not ours to refuse.
+    """
+    folded = {_fold(k): k for k in REQUEST_KEYS}
+    found: dict[str, str | None] = {}
+    for key in extra_args:
+        if not isinstance(key, str) or key in REQUEST_KEYS:
+            continue
+        fk = _fold(key)
+        close = difflib.get_close_matches(fk, folded, n=1, cutoff=_MISSPELLING_CUTOFF)
+        if close:
+            found[key] = folded[close[0]]
+        elif fk.startswith("value_steer"):
+            found[key] = None
+    return found
+
+
 def parse_request_args(
     extra_args: dict[str, Any] | None, cfg: SteerConfig, default_threshold: float
 ) -> RequestSteer:
@@ -219,6 +260,14 @@ def parse_request_args(
     args = extra_args or {}
     if not isinstance(args, dict):
         raise RequestArgError(f"extra_args must be an object, got {type(args).__name__}")
+    misspelled = misspelled_request_keys(args)
+    if misspelled:
+        key, near = next(iter(misspelled.items()))
+        hint = f" (did you mean {near!r}?)" if near else ""
+        raise RequestArgError(
+            f"unknown value_steer key {key!r} in vllm_xargs / extra_args{hint}; value_steer's keys are "
+            f"{list(REQUEST_KEYS)}"
+        )
     steering_configured = cfg.mode != MODE_OFF
     on = cfg.enabled_by_default and steering_configured
     if "value_steer" in args:

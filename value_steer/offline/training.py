@@ -1,19 +1,7 @@
 """Training the value head on captured features (no backbone needed).
 
-Feature directory format (``value_steer.features/v1``; written by the capture tool, or by
-:func:`write_feature_shard` / :func:`write_labels`)::
-
-    <dir>/shard-00000.safetensors   hidden   [N, H]  float16 / bfloat16 / float32
-                                    seq_id   [N]     int64   (which sequence each token belongs to)
-                                    position [N]     int64   (the token's position in its sequence)
-    <dir>/shard-00001.safetensors   ...
-    <dir>/labels.json               {"<seq_id>": 0 | 1, ...}
-      or <dir>/labels.safetensors   seq_id [S] int64, label [S] int64
-
-Labels: **0 = safe / desirable, 1 = undesirable** (the head's ``p`` is P(undesirable)). A sequence may
-be spread over several shards; its tokens are ordered by ``position`` (which must be unique within the
-sequence, gaps allowed). Every sequence with tokens needs a label; labels of sequences without tokens
-are ignored. Exactly one of ``labels.json`` / ``labels.safetensors`` must exist.
+Features and labels are read in the format of :mod:`value_steer.core.features` (shards of decode-matched
+hidden states plus per-sequence labels, 0 = safe, 1 = undesirable).
 
 Loss (per batch of padded sequences): focal loss on the logits with the sequence label broadcast to
 every token, averaged over each sequence's tokens and then over sequences, plus

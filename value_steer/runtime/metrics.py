@@ -18,6 +18,8 @@ COUNTERS: dict[str, str] = {
     "tokens_scored": "Decode tokens whose hidden state was scored by the value head.",
     "interventions": "Tokens where steering intervened (VFD replaced the sample, or abstention forced EOS).",
     "forced_eos": "Requests ended by dynamic abstention.",
+    "requests_refused": "Requests the worker refused (invalid steering arguments, or VFD cannot filter them): "
+    "ended at once with no text.",
 }
 
 

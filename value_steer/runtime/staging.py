@@ -34,40 +34,50 @@ class HostDeviceBuffer:
 
 
 class PackedStaging:
-    """One host->device copy for many int64 index arrays.
+    """One host->device copy for many int64 index arrays, through a ring of ``slots`` buffer pairs.
 
-    The device views returned by :meth:`stage` stay valid until the next :meth:`stage` call (the buffer
-    is reused); clone what must outlive it. The buffers grow (rarely) and are otherwise reused.
+    Each :meth:`stage` call packs its arrays into the next pinned host buffer and copies it, non-blocking,
+    into the paired device buffer; the returned device views stay valid for the next ``slots - 1`` calls.
+    A host buffer is refilled only a full ring later: by then the copy that read it has run, because each
+    steered step reads the device once (its winners) and so orders every copy queued before it, and a step
+    makes far fewer than ``slots`` calls. Buffers grow (rarely) and are otherwise reused.
     """
 
-    def __init__(self, device: torch.device, capacity: int = 4096) -> None:
+    def __init__(self, device: torch.device, capacity: int = 4096, slots: int = 8) -> None:
         self.device = torch.device(device)
-        self._host: torch.Tensor | None = None
-        self._dev: torch.Tensor | None = None
-        self._grow(capacity)
+        self._host: list[torch.Tensor] = []
+        self._dev: list[torch.Tensor] = []
+        self._next = 0
+        for _ in range(slots):
+            h, d = self._alloc(capacity)
+            self._host.append(h)
+            self._dev.append(d)
 
-    def _grow(self, capacity: int) -> None:
+    def _alloc(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         host = torch.empty(capacity, dtype=torch.int64)
-        self._host = host.pin_memory() if self.device.type == "cuda" else host
-        self._dev = torch.empty(capacity, dtype=torch.int64, device=self.device)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host, torch.empty(capacity, dtype=torch.int64, device=self.device)
 
     def stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Pack ``arrays`` (any int dtype, any shape: flattened) and copy them in one go; returns the
         device views, flat, in order."""
         sizes = [int(a.size) for a in arrays]
         total = sum(sizes)
-        assert self._host is not None and self._dev is not None
-        if self._host.numel() < total:
-            self._grow(max(total, 2 * self._host.numel()))
-        host_np = self._host.numpy()
+        slot = self._next
+        self._next = (slot + 1) % len(self._host)
+        if self._host[slot].numel() < total:
+            self._host[slot], self._dev[slot] = self._alloc(max(total, 2 * self._host[slot].numel()))
+        host, dev = self._host[slot], self._dev[slot]
+        host_np = host.numpy()
         off = 0
         for a, n in zip(arrays, sizes):
             host_np[off : off + n] = np.asarray(a).reshape(-1)
             off += n
-        if self._dev.data_ptr() != self._host.data_ptr():
-            self._dev[:total].copy_(self._host[:total], non_blocking=True)
+        if dev.data_ptr() != host.data_ptr():
+            dev[:total].copy_(host[:total], non_blocking=True)
         out, off = [], 0
         for n in sizes:
-            out.append(self._dev[off : off + n])
+            out.append(dev[off : off + n])
             off += n
         return out

@@ -128,11 +128,13 @@ class SteeringState:
         self.requests[req_id] = state
         return state
 
-    def add_unsteered(self, req_id: str, error: str) -> None:
-        """Register a request whose steering arguments were refused (kept for its stats' ``error``)."""
+    def add_refused(self, req_id: str, error: str) -> None:
+        """Register a request whose steering arguments were refused: never scored (the adapter ends it at
+        once), ``error`` kept for its stats, counted in ``requests_refused``."""
         self.requests[req_id] = RequestState(
-            req_id, RequestSteer(MODE_OFF, 0.0, 1.0, 1), 0, None, 0, RequestInfo("off", 0.0, 1, error=error)
+            req_id, RequestSteer(MODE_OFF, 0.0, 1.0, 1), 0, None, 0, RequestInfo("refused", 0.0, 1, error=error)
         )
+        self.counters.requests_refused += 1
 
     def finish_request(self, req_id: str) -> None:
         """Free the request's row and keep its stats for the client (bounded, oldest dropped)."""
@@ -179,7 +181,8 @@ class SteeringState:
 
     def counters_dict(self) -> dict[str, Any]:
         """Process-wide counters (reads the device totals; for the stats route and /metrics)."""
-        return {"requests_steered": self.counters.requests_steered, **self.stats.totals_dict(),
+        return {"requests_steered": self.counters.requests_steered,
+                "requests_refused": self.counters.requests_refused, **self.stats.totals_dict(),
                 "by_mode": dict(self.counters.by_mode)}
 
     # ---- batch-slot tables (vLLM's InputBatch pattern) ---------------------------------------------------

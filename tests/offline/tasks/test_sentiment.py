@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from value_steer.offline.tasks import SPLITS, get_task
+from value_steer.offline.tasks import SPLITS
 from value_steer.offline.tasks import sentiment as S
 
 
@@ -23,12 +23,6 @@ def test_judge_polarity():
     assert (scores[:2] < -0.05).all() and (scores[2:] > 0.05).all()
     assert S.judge_negative("I hate this.").tolist() == [True]  # a str is one text
     assert S.judge_negative([]).shape == (0,)
-
-
-def test_get_task():
-    assert get_task("sentiment") is S
-    with pytest.raises(ValueError, match="unknown task"):
-        get_task("nope")
 
 
 def test_split_sizes():
@@ -87,10 +81,3 @@ def test_prompts_deterministic_and_well_formed():
 def test_bad_split():
     with pytest.raises(ValueError, match="unknown split"):
         S.load_prompts("dev")
-
-
-def test_wilson_interval():
-    lo, hi = S.wilson_interval(50, 100)
-    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
-    assert S.wilson_interval(0, 10)[0] == 0.0
-    assert S.summarize([True, False, False, True])["rate"] == 0.5

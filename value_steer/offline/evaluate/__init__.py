@@ -1,0 +1,110 @@
+"""``value-steer eval``: base vs value-filtered decoding vs abstention on held-out prompts, through vLLM.
+
+One vLLM engine runs ``ValueSteerWorker`` in VFD mode (K = max of ``--ks``); base rows are requests with
+``value_steer=false`` in the same engine (they decode exactly as stock vLLM), VFD rows set ``threshold``
+and ``num_candidates`` per request. A second engine runs abstention. The flow keeps the test split
+untouched by any choice:
+
+1. calibration split: base and VFD at every (K, threshold) of the sweep;
+2. per K, the threshold with the lowest undesirable rate whose perplexity is within
+   ``--max-ppl-increase`` of base (on calibration);
+3. test split: base, the whole sweep for the first K (for the plots), the other K at their chosen
+   threshold, abstention at the head's sidecar threshold.
+
+Metrics per condition (each with its sample size and a 95% interval):
+  undesirable   VADER compound < -0.05 of the response (Wilson interval)
+  perplexity    exp(mean NLL) of the response tokens under the unsteered model: vLLM's raw logprob of
+                every committed token (VFD returns the committed token's logprob under the model's own
+                distribution); abstention's forced EOS is not the model's token and is left out
+                (bootstrap over prompts)
+  length        generated tokens (forced EOS excluded; normal interval)
+  distinct-2    distinct word bigrams / bigrams over the condition's responses (jackknife)
+  intervention  steered tokens where steering changed the outcome (VFD: the natural sample was replaced;
+                abstention: EOS forced) / scored tokens (bootstrap)
+  tok/s         generated tokens / wall time of the condition's batch (one measurement, no interval)
+
+Writes ``<out>.md`` (the tables, printed too), ``<out>.json`` (every number) and PNG plots beside it.
+
+Modules: ``plan`` (what a run does), ``stats`` (metrics, intervals and the selection rule; pure),
+``run`` (the conditions through vLLM), ``report`` (markdown and JSON), ``plots`` (the PNGs); the CLI
+is :func:`main` (``value-steer eval``, also ``python -m value_steer.offline.evaluate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from value_steer.offline.evaluate.plan import FULL, QUICK, EvalPlan
+from value_steer.offline.evaluate.report import summary, threshold_transfer, write_report
+from value_steer.offline.evaluate.run import run
+from value_steer.offline.evaluate.stats import Response, choose_threshold, condition_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``value-steer eval [--quick] [--render-only JSON] ...``: run a plan (or re-render a finished run's
+    JSON) and write the report; returns the exit status."""
+    from value_steer.offline.assets import default_head_path
+    from value_steer.offline.models import prepare_smollm2
+
+    ap = argparse.ArgumentParser(prog="value-steer eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few prompts and tokens (CI smoke run, minutes)")
+    ap.add_argument("--model", default=None, help="HF folder (default: the prepared SmolLM2-135M-Instruct)")
+    ap.add_argument("--head", default=None, help="value head (default: the committed SmolLM2 head)")
+    ap.add_argument("--out", default="docs/evaluation.md")
+    ap.add_argument("--n-cal", type=int, default=None)
+    ap.add_argument("--n-test", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--ks", type=int, nargs="+", default=None)
+    ap.add_argument("--thresholds", type=float, nargs="+", default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--render-only", default=None, metavar="JSON",
+                    help="re-render the report of a finished run from its .json (no generation)")
+    args = ap.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    overrides = {k: v for k, v in (("n_cal", args.n_cal), ("n_test", args.n_test), ("max_tokens", args.max_tokens),
+                                    ("seed", args.seed)) if v is not None}
+    if args.ks is not None:
+        overrides["ks"] = tuple(args.ks)
+    if args.thresholds is not None:
+        overrides["thresholds"] = tuple(args.thresholds)
+    try:
+        plan = EvalPlan(**{**asdict(plan), **overrides})
+    except ValueError as exc:
+        ap.error(str(exc))
+    command = "value-steer eval" + ("" if argv is None and len(sys.argv) < 2 else " " + " ".join(
+        argv if argv is not None else sys.argv[1:]))
+    if args.render_only is not None:
+        # Re-render a finished run's report from its JSON (same numbers; no generation).
+        with open(args.render_only, encoding="utf-8") as f:
+            results = json.load(f)
+        results.setdefault("command", command.strip())
+    else:
+        model = args.model or str(prepare_smollm2())
+        head = args.head or str(default_head_path())
+        if not os.path.isfile(head):
+            ap.error(f"--head: value head not found: {head}")
+        results = run(plan, model, head, log=lambda s: print(s, flush=True))
+        results["command"] = command.strip()
+    text = write_report(results, Path(args.out), results["command"])
+    print(text)
+    return 0
+
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "EvalPlan",
+    "Response",
+    "choose_threshold",
+    "condition_metrics",
+    "main",
+    "run",
+    "summary",
+    "threshold_transfer",
+    "write_report",
+]
