@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from value_steer.core.config import RequestArgError
-from value_steer.core.modes import MODE_ABSTAIN
+from value_steer.core.config import RequestArgError, parse_request_args, vfd_unsupported_reason
+from value_steer.core.modes import MODE_ABSTAIN, MODE_VFD
+from value_steer.patches.vllm_0_32.api import refused_sampling_params
 
 logger = logging.getLogger("value_steer")
 
@@ -51,11 +52,6 @@ class SteeringRunnerMixin:
         registered as refused (stats ``error``, ``requests_refused``) and its worker-side sampling params are
         replaced so that its first sampled token is its end token: it ends at once with no text.
         """
-        # Function-local: these run per admitted request only, and keep this method self-contained.
-        from value_steer.core.config import parse_request_args, vfd_unsupported_reason
-        from value_steer.core.modes import MODE_VFD
-        from value_steer.patches.vllm_0_32.api import refused_sampling_params
-
         st = self._vs_state
         for req_id in scheduler_output.finished_req_ids:
             st.finish_request(req_id)
