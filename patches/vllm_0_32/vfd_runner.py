@@ -137,6 +137,9 @@ class VFDRunnerMixin:
         }
         super().__init__(cfg2, device)  # type: ignore[call-arg]
         seed = getattr(vllm_config.model_config, "seed", None)
+        self._vfd_capture_armed = False
+        self._vfd_sampled_logits: torch.Tensor | None = None
+        self._vfd_wrap_sampler()
         self._vfd_schedule = ScheduleModel(
             mode=getattr(cfg, "schedule", "auto"), device_kind=torch.device(self.device).type  # type: ignore[attr-defined]
         )
@@ -146,6 +149,28 @@ class VFDRunnerMixin:
             raise RuntimeError("value_steer VFD does not support M-RoPE models")
         if getattr(self, "enable_prompt_embeds", False):
             raise RuntimeError("value_steer VFD does not support prompt embeddings (--enable-prompt-embeds)")
+
+    def _vfd_wrap_sampler(self) -> None:
+        """Let the VFD step read the sampler's processed logits instead of recomputing them.
+
+        vLLM's ``TopKTopPSampler`` applies top-k/top-p and then samples. When armed, the wrapper applies
+        top-k/top-p itself, keeps the result, and hands it to the original with ``k = p = None`` (so top-k/top-p
+        is a no-op there): the same logits are sampled with the same random draws as unwrapped.
+        """
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+        op = self.sampler.topk_topp_sampler  # type: ignore[attr-defined]
+        original = op.forward
+        runner = self
+
+        def forward(logits: torch.Tensor, generators: Any, k: Any, p: Any) -> Any:
+            if runner._vfd_capture_armed:
+                logits = apply_top_k_top_p(logits, k, p)
+                runner._vfd_sampled_logits = logits
+                k = p = None
+            return original(logits, generators, k, p)
+
+        op.forward = forward
 
     # ---- KV cache with scratch blocks --------------------------------------------------------------
     def initialize_kv_cache(
@@ -844,9 +869,24 @@ class VFDRunnerMixin:
         try:
             if st.slot_min_tokens[batch_rows].any():
                 self._vfd_refresh_min_tokens()
-            proc2, _ = self._vfd_processed(logits, batch_t)
+            greedy_h = self._vfd_greedy_host(batch_rows)
+            # The next candidates are drawn from the distribution the sampler draws the natural sample from.
+            # When every steered row samples randomly, the sampler's own processed logits (captured after its
+            # top-k/top-p) are that distribution: no second pass over [B, V]. Greedy rows need the logits
+            # before temperature and top-k/top-p, recomputed on a copy.
+            proc2 = self._vfd_processed(logits, batch_t)[0] if greedy_h.any() else None
             raw2 = logits.index_select(0, batch_t).clone() if any_lp else None
-            out = super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
+            self._vfd_sampled_logits = None
+            self._vfd_capture_armed = proc2 is None
+            try:
+                out = super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
+            finally:
+                self._vfd_capture_armed = False
+            if proc2 is None:
+                captured, self._vfd_sampled_logits = self._vfd_sampled_logits, None
+                if captured is None:
+                    raise RuntimeError("value_steer VFD: the sampler did not run top-k/top-p sampling on random rows")
+                proc2 = captured.index_select(0, batch_t)
         finally:
             self._vs_capture_elsewhere = None
             deque(map(list.pop, outs), maxlen=0)
@@ -856,7 +896,6 @@ class VFDRunnerMixin:
 
         # 5. The next candidates: column 0 is the sampler's draw; the rest are drawn on the device.
         natural = out.sampled_token_ids.index_select(0, batch_t)[:, 0].long()
-        greedy_h = self._vfd_greedy_host(batch_rows)
         groups = self._vfd_groups(rows, greedy_h)
         next_toks, _ = advance(pipes, rows, rows_t, positions, won, proc2, greedy_h, natural, groups)
 
