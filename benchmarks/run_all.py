@@ -9,6 +9,7 @@ GPU goals from the issue (checked in the "met" column on GPU only):
   value_head        H=4096, M<=64: >= 80% of HBM bandwidth on weight reads and >= 1.5x torch
   score_and_select  >= 3x the torch composite (vfd_select + force_eos + gathers)
   copy_kv_slots     32 layers in one launch: >= 5x a per-layer torch loop
+  steer_activations / steer_gate: no goal set (timed against a per-request torch loop)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_kv
 import bench_score_and_select
+import bench_steer_activations
 import bench_value_head
 from _common import device, device_name, format_table, peak_bandwidth
 
@@ -82,6 +84,7 @@ def main() -> None:
     peak, how = peak_bandwidth(dev)
     t0 = time.time()
     rows = bench_value_head.run(dev) + bench_score_and_select.run(dev) + bench_kv.run(dev)
+    rows += bench_steer_activations.run(dev)
     elapsed = time.time() - t0
     impl = "Triton kernels" if dev.type == "cuda" else (
         "C++ extension value_steer._C" if value_steer.has_extension() else "torch reference (value_steer._C NOT built)"

@@ -33,4 +33,20 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cac
 // For every view and every pair p with both slots >= 0: cache[dst[p]] = cache[src[p]].
 void copy_kv_slots(std::vector<at::Tensor> caches, const at::Tensor& src_slots, const at::Tensor& dst_slots);
 
+// Per-token activation steering at one layer (value_steer/kernels/steer_activations.py). hidden [T, H]
+// fp32/bf16/fp16; residual [T, H] (fused, the ops edit hidden + residual) or 0 elements; token_row /
+// token_decode / gate [T_max >= T] int32 / int8 / fp32; bank [S, H] fp32; op_kind / op_slot / op_flags
+// [R, M] int32, op_a / op_b [R, M] fp32. Returns a new [T, H] tensor; untouched tokens are bitwise copies.
+at::Tensor steer_activations(const at::Tensor& hidden, const at::Tensor& residual, const at::Tensor& token_row,
+                             const at::Tensor& token_decode, const at::Tensor& gate, const at::Tensor& bank,
+                             const at::Tensor& op_kind, const at::Tensor& op_slot, const at::Tensor& op_a,
+                             const at::Tensor& op_b, const at::Tensor& op_flags);
+
+// gate_out[t] = sigmoid(sharpness * ((hidden + residual)[t] . bank[gate_slot[row]] - threshold)) for t < T
+// whose row (not 0) has gate_slot >= 0, else 1. gate_slot [R] int32, threshold/sharpness [R] fp32,
+// gate_out [T_max >= T] fp32 written in place.
+void steer_gate(const at::Tensor& hidden, const at::Tensor& residual, const at::Tensor& token_row,
+                const at::Tensor& bank, const at::Tensor& gate_slot, const at::Tensor& gate_threshold,
+                const at::Tensor& gate_sharpness, at::Tensor gate_out);
+
 }  // namespace value_steer

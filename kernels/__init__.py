@@ -9,6 +9,10 @@ dispatch and the ``torch.library`` registration (with its fake) live together:
 - ``write_kv``: paged-KV scatter of new tokens by slot, the design card's FA-layout KV write
   (``patches.vllm_0_32.kv_layout.write_kv_fa2``). No runner path calls it today (VFD commits through
   ``copy_kv_slots``); it stays as a tested, benchmarked op for a candidate forward that writes its own KV.
+- ``steer_activations``: per-token activation steering at one layer (add / projection cap / ablate from
+  the per-row op tables, prompt/decode filters, gated ops, fused residual), one launch over all tokens;
+  untouched tokens are bitwise copies. ``steer_gate``: the per-token gate at the gate layer, in place.
+  Design: ``docs/activation-steering.md``.
 
 Importing this package needs neither Triton nor vLLM; the Triton launchers raise if called without
 Triton. Set ``TRITON_INTERPRET=1`` *before* importing to run the Triton launchers on CPU tensors.
@@ -19,6 +23,14 @@ from value_steer.kernels.score_and_select import (
     score_and_select,
     score_and_select_reference,
     score_and_select_triton,
+)
+from value_steer.kernels.steer_activations import (
+    steer_activations,
+    steer_activations_reference,
+    steer_activations_triton,
+    steer_gate,
+    steer_gate_reference,
+    steer_gate_triton,
 )
 from value_steer.kernels.value_head import (
     prepare_value_head_weights,
@@ -46,6 +58,12 @@ __all__ = [
     "score_and_select",
     "score_and_select_reference",
     "score_and_select_triton",
+    "steer_activations",
+    "steer_activations_reference",
+    "steer_activations_triton",
+    "steer_gate",
+    "steer_gate_reference",
+    "steer_gate_triton",
     "value_head",
     "value_head_reference",
     "value_head_triton",

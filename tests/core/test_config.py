@@ -124,3 +124,109 @@ def test_foreign_request_keys_are_left_alone(head_file):
     args = {"kv_transfer_params": {"x": 1}, "ec_transfer_params": None, "kv_cache_report_mode": "full",
             "ngram_size": 3, "window_size": 100, "whitelist_token_ids": [1], "k": 2, "seed": 1}
     assert parse_request_args(args, _cfg(head_file), 0.3).mode == MODE_VFD
+
+
+# ---- activation steering: the "steering" section and the per-request "steering" spec ----------------------
+
+
+def test_steering_section_defaults_alone_and_beside(head_file, tmp_path):
+    from value_steer.core.config import SteeringConfig
+
+    cfg = parse_additional_config({"steering": {}})
+    assert cfg.mode == MODE_OFF and cfg.steering == SteeringConfig(None, 64, 8, 8 * 4096)
+    assert parse_additional_config({}).steering is None
+    both = parse_additional_config({"vfd": {"value_head_path": head_file}, "capture": {"dir": str(tmp_path)},
+                                    "steering": {"vectors": str(tmp_path), "max_vectors": 3,
+                                                 "max_ops_per_request": 64, "max_inline_floats": 0}})
+    assert both.mode == MODE_VFD and both.capture is not None
+    assert both.steering == SteeringConfig(str(tmp_path), 3, 64, 0)
+    assert parse_additional_config({"abstain": {"value_head_path": head_file}, "steering": {}}).steering is not None
+    # check_files=False (an API process without the worker's files): the directory is not looked at.
+    assert parse_additional_config({"steering": {"vectors": "/no/such/dir"}}, check_files=False).steering.vectors
+
+
+@pytest.mark.parametrize(
+    ("sec", "field"),
+    [
+        ([], "steering must be a JSON object"),
+        ({"vector": "x"}, r"steering: unknown key\(s\) \['vector'\]; allowed: \['vectors', 'max_vectors'"),
+        ({"vectors": ""}, r"steering\.vectors must be a non-empty string"),
+        ({"vectors": 3}, r"steering\.vectors must be a non-empty string"),
+        ({"vectors": "/no/such/dir"}, r"steering\.vectors: no such directory"),
+        ({"max_vectors": 0}, r"steering\.max_vectors must be an integer >= 1"),
+        ({"max_vectors": 2.0}, r"steering\.max_vectors must be an integer >= 1"),
+        ({"max_vectors": True}, r"steering\.max_vectors must be an integer >= 1"),
+        ({"max_ops_per_request": 0}, r"steering\.max_ops_per_request must be an integer \[1, 64\]"),
+        ({"max_ops_per_request": 65}, r"steering\.max_ops_per_request must be an integer \[1, 64\]"),
+        ({"max_inline_floats": -1}, r"steering\.max_inline_floats must be an integer >= 0"),
+        ({"max_inline_floats": "8"}, r"steering\.max_inline_floats must be an integer >= 0"),
+    ],
+)
+def test_bad_steering_section_names_field(sec, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_additional_config({"steering": sec})
+
+
+def test_steering_vectors_file_is_not_a_directory(head_file):
+    with pytest.raises(ConfigError, match=r"steering\.vectors: no such directory"):
+        parse_additional_config({"steering": {"vectors": head_file}})
+
+
+def test_unknown_top_level_key_lists_steering():
+    with pytest.raises(ConfigError, match=r"\['vfd', 'abstain', 'capture', 'steering'\]"):
+        parse_additional_config({"steer": {}})
+
+
+_SPEC = {"ops": [{"layer": 1, "op": "add", "vector": [1.0, 0.0, 0.0, 0.0], "scale": 2.0}]}
+
+
+def test_request_steering_parsed_when_configured(head_file):
+    import json
+
+    cfg = parse_additional_config({"steering": {"max_ops_per_request": 2}})
+    r = parse_request_args({"steering": _SPEC}, cfg, 0.5, hidden_size=4, num_layers=3)
+    assert r.mode == MODE_OFF and r.steering is not None and r.steering.ops[0].scale == 2.0
+    # As vllm_xargs carries it: a JSON string.
+    assert parse_request_args({"steering": json.dumps(_SPEC)}, cfg, 0.5, hidden_size=4, num_layers=3) == r
+    assert parse_request_args({}, cfg, 0.5).steering is None
+    assert parse_request_args({"steering": None}, cfg, 0.5).steering is None
+    # Independent of the value-head switch; beside VFD.
+    vfd = parse_additional_config({"vfd": {"value_head_path": head_file}, "steering": {}})
+    r = parse_request_args({"value_steer": False, "steering": _SPEC}, vfd, 0.5, hidden_size=4, num_layers=3)
+    assert r.mode == MODE_OFF and r.steering is not None
+    assert parse_request_args({"steering": _SPEC}, vfd, 0.5).mode == MODE_VFD
+
+
+@pytest.mark.parametrize(
+    ("steering", "field"),
+    [
+        ("{", r"steering: not valid JSON"),
+        ({"ops": [{"layer": 3, "op": "add", "vector": "x"}]},
+         r"steering\.ops\[0\]\.layer must be an integer in \[0, 3\)"),
+        ({"ops": [{"layer": 0, "op": "add", "vector": [1.0, 2.0]}]}, r"steering\.ops\[0\]\.vector must have exactly 4"),
+        ({"ops": [{"layer": 0, "op": "add", "vector": "x"}] * 3}, r"at most 2 ops"),
+        ({"ops": [{"layer": 0, "op": "add", "vector": "missing"}]}, r"steering\.ops\[0\]\.vector: unknown vector"),
+    ],
+)
+def test_bad_request_steering_names_field(steering, field):
+    cfg = parse_additional_config({"steering": {"max_ops_per_request": 2}})
+    with pytest.raises(RequestArgError, match=field):
+        parse_request_args({"steering": steering}, cfg, 0.5, hidden_size=4, num_layers=3, resolve={"x"}.__contains__)
+
+
+def test_request_steering_without_server_section(head_file):
+    for cfg in (parse_additional_config({}), _cfg(head_file)):
+        with pytest.raises(RequestArgError, match=r"no 'steering' section in --additional-config"):
+            parse_request_args({"steering": _SPEC}, cfg, 0.5)
+
+
+@pytest.mark.parametrize("key", ["Steering", "stearing", "steerng"])
+def test_misspelled_steering_key(key):
+    with pytest.raises(RequestArgError, match="did you mean 'steering'"):
+        parse_request_args({key: _SPEC}, parse_additional_config({"steering": {}}), 0.5)
+
+
+def test_words_near_steering_are_left_alone():
+    # Other plugins' plain words: not close enough to "steering" to be taken for it.
+    args = {"string": 1, "seeding": 2, "tiering": 3, "steer": 4, "steering_vector": 5}
+    assert parse_request_args(args, parse_additional_config({"steering": {}}), 0.5).steering is None

@@ -184,3 +184,53 @@ def test_cuda_graph_steering_step_matches_eager() -> None:
         for a, b in zip(graph_out, eager_out):
             assert torch.equal(a, b)
         assert torch.equal(graph_raw, raw)
+
+
+def _steer_args(dtype: torch.dtype, fused: bool) -> tuple:
+    """A small steer_activations call: rows 0..2 (row 0 off), every op kind, prompt/decode filters, a gated op,
+    per-token buffers longer than T."""
+    g = torch.Generator().manual_seed(0)
+    t, h = 6, 32
+    hidden = torch.randn(t, h, generator=g).to(dtype)
+    residual = torch.randn(t, h, generator=g).to(dtype) if fused else torch.empty(0, dtype=dtype)
+    token_row = torch.tensor([0, 1, 2, 1, 2, 0, 9, 9], dtype=torch.int32)
+    token_decode = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0], dtype=torch.int8)
+    gate = torch.rand(8, generator=g)
+    bank = torch.randn(3, h, generator=g)
+    op_kind = torch.tensor([[0, 0, 0], [1, 2, 0], [3, 1, 2]], dtype=torch.int32)
+    op_slot = torch.tensor([[0, 0, 0], [0, 1, 0], [2, 1, 0]], dtype=torch.int32)
+    op_a = torch.tensor([[0.0, 0.0, 0.0], [2.0, -0.5, 0.0], [0.0, 1.0, -float("inf")]])
+    op_b = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.3]])
+    op_flags = torch.tensor([[0, 0, 0], [3, 1, 0], [7, 2, 3]], dtype=torch.int32)
+    return hidden, residual, token_row, token_decode, gate, bank, op_kind, op_slot, op_a, op_b, op_flags
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True], ids=["no_residual", "fused_residual"])
+def test_opcheck_steer_activations(cpu_impl: str, dtype: torch.dtype, fused: bool) -> None:
+    _opcheck(torch.ops.value_steer.steer_activations.default, _steer_args(dtype, fused))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["no_residual", "fused_residual"])
+def test_opcheck_steer_gate(cpu_impl: str, fused: bool) -> None:
+    hidden, residual, token_row, _, _, bank, *_ = _steer_args(torch.bfloat16, fused)
+    gate_slot = torch.tensor([-1, 2, -1], dtype=torch.int32)
+    args = (hidden, residual, token_row, bank, gate_slot, torch.tensor([0.0, 0.1, 0.0]), torch.full((3,), 5.0),
+            torch.zeros(8))  # fmt: skip
+    _opcheck(torch.ops.value_steer.steer_gate.default, args)
+
+
+def test_steer_ops_without_triton() -> None:
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, value_steer.kernels as K\n"
+        "x = torch.randn(3, 8); row = torch.tensor([0, 1, 1], dtype=torch.int32)\n"
+        "tabs = [torch.tensor([[0], [1]], dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32),\n"
+        "        torch.tensor([[0.0], [2.0]]), torch.zeros(2, 1), torch.tensor([[0], [3]], dtype=torch.int32)]\n"
+        "args = (x, x.new_empty(0), row, torch.zeros(3, dtype=torch.int8), torch.ones(3), torch.ones(1, 8), *tabs)\n"
+        "out = K.steer_activations(*args)\n"
+        "assert torch.equal(out[0], x[0]) and torch.allclose(out[1:], x[1:] + 2.0)\n"
+        "try:\n    K.steer_activations_triton(*args)\nexcept RuntimeError as e:\n    assert 'triton' in str(e)\n"
+        "else:\n    raise AssertionError('expected RuntimeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

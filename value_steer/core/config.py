@@ -8,14 +8,22 @@ Server config (one section, never both)::
                  "enabled_by_default": true}}
 
 plus an optional ``{"capture": {"dir": "...", "enabled_by_default": false}}`` section (decode-matched
-hidden-state capture). Every violation raises :class:`ConfigError` naming the field and the allowed
-values; the worker raises it at start-up, so a bad config never reaches the first request.
+hidden-state capture) and an optional activation-steering section, alone or beside either of them::
+
+    {"steering": {"vectors": "/path/to/dir", "max_vectors": 64, "max_ops_per_request": 8,
+                  "max_inline_floats": 32768}}
+
+(``{"steering": {}}`` enables steering with no preloaded vectors). Every violation raises
+:class:`ConfigError` naming the field and the allowed values; the worker raises it at start-up, so a bad
+config never reaches the first request.
 
 Per request (OpenAI ``vllm_xargs`` / ``SamplingParams.extra_args``): ``value_steer`` (on/off),
 ``threshold`` (float in [0, 1]), ``num_candidates`` (int, 1..configured K). A bad value raises
 :class:`RequestArgError` (a ``ValueError``: the OpenAI server answers 400). ``extra_args`` is shared
 with vLLM (``kv_transfer_params``, ...) and other plugins, so a key that is not ours is left alone,
-unless it looks like a misspelling of ours (see :func:`misspelled_request_keys`).
+unless it looks like a misspelling of ours (see :func:`misspelled_request_keys`). ``steering`` (an
+activation-steering spec, :mod:`value_steer.core.steering_spec`; a dict, or a JSON string in ``vllm_xargs``)
+is accepted only when the server has a ``steering`` section; it is independent of ``value_steer``.
 """
 
 from __future__ import annotations
@@ -23,36 +31,52 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from value_steer.core.modes import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_VFD
+from value_steer.core.steering_spec import RequestArgError, SteeringSpec, parse_steering_spec
 
 MAX_NUM_CANDIDATES = 64
 DEFAULT_NUM_CANDIDATES = 4
 STEER_SECTIONS = ("vfd", "abstain")
-TOP_LEVEL_KEYS = (*STEER_SECTIONS, "capture")
+TOP_LEVEL_KEYS = (*STEER_SECTIONS, "capture", "steering")
 _SECTION_KEYS = {
     "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default", "schedule"),
     "abstain": ("value_head_path", "threshold", "direction", "enabled_by_default"),
     "capture": ("dir", "enabled_by_default"),
+    "steering": ("vectors", "max_vectors", "max_ops_per_request", "max_inline_floats"),
 }
+# Activation steering (the "steering" section): bank size, per-request op count (the op tables' M) and the
+# total length of a request's inline vectors.
+DEFAULT_MAX_VECTORS = 64
+DEFAULT_MAX_OPS_PER_REQUEST = 8
+MAX_OPS_PER_REQUEST = 64
+DEFAULT_MAX_INLINE_FLOATS = 8 * 4096
 # How VFD forwards its candidates: "eager" (all K in the main forward), "two_phase" (natural sample first,
 # alternatives only for unsafe rows, in a second forward), "auto" (a per-step cost model chooses).
 VFD_SCHEDULES = ("auto", "eager", "two_phase")
 REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture")
+# The activation-steering spec's key. Kept out of REQUEST_KEYS (the value-head switches, listed in messages as
+# they are) but known to every check on our keys: ALL_REQUEST_KEYS.
+STEERING_KEY = "steering"
+ALL_REQUEST_KEYS = (*REQUEST_KEYS, STEERING_KEY)
 # How close (difflib ratio, case and "-"/"_" folded) a foreign key must be to one of REQUEST_KEYS to be
 # taken for a misspelling of it: "treshold", "Threshold", "num-candidates", "thresh" are; vLLM's own
 # extra_args keys (kv_transfer_params, ec_transfer_params, kv_cache_report_mode) are far from all of them.
 _MISSPELLING_CUTOFF = 0.8
+# "steering" is a plain word other plugins may use in near forms ("string", "seeding", "tiering" are 0.8-0.86
+# from it): only a closer key counts ("stearing", "steerng", "Steering").
+_STEERING_CUTOFF = 0.87
 
 
 class ConfigError(ValueError):
     """Invalid ``--additional-config`` for value_steer (raised at start-up)."""
 
 
-class RequestArgError(ValueError):
-    """Invalid per-request ``extra_args`` (the server answers HTTP 400)."""
+# RequestArgError (invalid per-request extra_args: HTTP 400) is defined in steering_spec, which sits below this
+# module so that the request parser here can validate steering specs (no import cycle); import it from here.
 
 
 @dataclass(frozen=True)
@@ -64,11 +88,30 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True)
+class SteeringConfig:
+    """Activation steering (``docs/activation-steering.md``).
+
+    vectors: a directory of ``.safetensors`` files loaded into the vector bank at start-up (each holds one
+    tensor, ``[H]`` or ``[num_layers, H]``; the file stem is the vector's name), or None.
+    max_vectors: bank slots (``[max_vectors, H]`` fp32 on the device; a per-layer file takes one per row).
+    max_ops_per_request: ops per request (the op tables' ``M``).
+    max_inline_floats: total floats of one request's inline vectors.
+    """
+
+    vectors: str | None = None
+    max_vectors: int = DEFAULT_MAX_VECTORS
+    max_ops_per_request: int = DEFAULT_MAX_OPS_PER_REQUEST
+    max_inline_floats: int = DEFAULT_MAX_INLINE_FLOATS
+
+
+@dataclass(frozen=True)
 class SteerConfig:
     """Resolved server-side steering config.
 
-    mode: ``MODE_VFD`` / ``MODE_ABSTAIN`` / ``MODE_OFF`` (no steering section: capture only or plain).
+    mode: ``MODE_VFD`` / ``MODE_ABSTAIN`` / ``MODE_OFF`` (no vfd/abstain section: capture only, activation
+    steering only, or plain).
     threshold: None means "take the sidecar's" (resolved when the head is loaded).
+    steering: the activation-steering section, None when absent (requests with ``steering`` are refused).
     """
 
     mode: int
@@ -79,6 +122,7 @@ class SteerConfig:
     enabled_by_default: bool = True
     capture: CaptureConfig | None = None
     schedule: str = "auto"  # vfd only: how candidates are forwarded (value_steer.runtime.vfd_schedule)
+    steering: SteeringConfig | None = None
 
     @property
     def sign(self) -> float:
@@ -121,8 +165,9 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
     if len(present) > 1:
         raise ConfigError("additional_config: 'vfd' and 'abstain' are exclusive; give one of them")
     capture = _parse_capture(raw["capture"]) if "capture" in raw else None
+    steering = _parse_steering(raw["steering"], check_files) if "steering" in raw else None
     if not present:
-        return SteerConfig(mode=MODE_OFF, capture=capture, enabled_by_default=False)
+        return SteerConfig(mode=MODE_OFF, capture=capture, enabled_by_default=False, steering=steering)
     name = present[0]
     sec = raw[name]
     if not isinstance(sec, dict):
@@ -164,6 +209,7 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
         enabled_by_default=enabled,
         capture=capture,
         schedule=schedule,
+        steering=steering,
     )
 
 
@@ -180,11 +226,45 @@ def _parse_capture(sec: Any) -> CaptureConfig:
     return CaptureConfig(dir=os.path.expanduser(d), enabled_by_default=enabled)
 
 
+def _check_int(sec: dict[str, Any], key: str, default: int, lo: int, hi: int | None) -> int:
+    v = sec.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        allowed = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ConfigError(f"steering.{key} must be an integer {allowed}, got {v!r}")
+    return v
+
+
+def _parse_steering(sec: Any, check_files: bool) -> SteeringConfig:
+    if not isinstance(sec, dict):
+        raise ConfigError(f"steering must be a JSON object, got {type(sec).__name__}")
+    allowed = _SECTION_KEYS["steering"]
+    bad = sorted(set(sec) - set(allowed))
+    if bad:
+        raise ConfigError(f"steering: unknown key(s) {bad}; allowed: {list(allowed)}")
+    vectors = sec.get("vectors")
+    if vectors is not None:
+        if not isinstance(vectors, str) or not vectors:
+            raise ConfigError(
+                f"steering.vectors must be a non-empty string (a directory of .safetensors vectors), got {vectors!r}"
+            )
+        vectors = os.path.expanduser(vectors)
+        if check_files and not os.path.isdir(vectors):
+            raise ConfigError(f"steering.vectors: no such directory: {vectors}")
+    return SteeringConfig(
+        vectors=vectors,
+        max_vectors=_check_int(sec, "max_vectors", DEFAULT_MAX_VECTORS, 1, None),
+        max_ops_per_request=_check_int(sec, "max_ops_per_request", DEFAULT_MAX_OPS_PER_REQUEST, 1,
+                                       MAX_OPS_PER_REQUEST),
+        max_inline_floats=_check_int(sec, "max_inline_floats", DEFAULT_MAX_INLINE_FLOATS, 0, None),
+    )
+
+
 @dataclass(frozen=True)
 class RequestSteer:
     """What one request asks for, resolved against the server config.
 
     mode: ``MODE_OFF`` when the request (or the default) turns steering off.
+    steering: the request's activation-steering spec (None: none), independent of ``mode``.
     """
 
     mode: int
@@ -192,6 +272,7 @@ class RequestSteer:
     sign: float
     num_candidates: int
     capture: bool = False
+    steering: SteeringSpec | None = None
 
 
 _TRUE = {"on", "true", "1", "yes"}
@@ -228,25 +309,34 @@ def misspelled_request_keys(extra_args: dict[str, Any]) -> dict[str, str | None]
     """Keys of ``extra_args`` that are not value_steer's but look meant for it: ``{key: closest of ours}``.
 
     A key counts when it starts with ``value_steer`` / ``value-steer`` (our namespace; closest may then be
-    None) or is within :data:`_MISSPELLING_CUTOFF` of one of :data:`REQUEST_KEYS`. Other keys belong to
-    vLLM or other plugins and are not ours to refuse.
+    None), is within :data:`_MISSPELLING_CUTOFF` of one of :data:`REQUEST_KEYS` or within
+    :data:`_STEERING_CUTOFF` of ``steering``. Other keys belong to vLLM or other plugins and are not ours to
+    refuse.
     """
     folded = {_fold(k): k for k in REQUEST_KEYS}
     found: dict[str, str | None] = {}
     for key in extra_args:
-        if not isinstance(key, str) or key in REQUEST_KEYS:
+        if not isinstance(key, str) or key in ALL_REQUEST_KEYS:
             continue
         fk = _fold(key)
         close = difflib.get_close_matches(fk, folded, n=1, cutoff=_MISSPELLING_CUTOFF)
         if close:
             found[key] = folded[close[0]]
+        elif difflib.get_close_matches(fk, [STEERING_KEY], n=1, cutoff=_STEERING_CUTOFF):
+            found[key] = STEERING_KEY
         elif fk.startswith("value_steer"):
             found[key] = None
     return found
 
 
 def parse_request_args(
-    extra_args: dict[str, Any] | None, cfg: SteerConfig, default_threshold: float
+    extra_args: dict[str, Any] | None,
+    cfg: SteerConfig,
+    default_threshold: float,
+    *,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+    resolve: Callable[[str], bool] | None = None,
 ) -> RequestSteer:
     """Resolve one request's ``extra_args`` against the server config.
 
@@ -254,6 +344,9 @@ def parse_request_args(
         extra_args: ``SamplingParams.extra_args`` (may hold other plugins' keys: only ours are read).
         cfg: the server's :class:`SteerConfig`.
         default_threshold: the server threshold (config value, else the head sidecar's).
+        hidden_size, num_layers: the model's, to check a ``steering`` spec's vector lengths and layers
+            (None: that check is left to the worker).
+        resolve: ``resolve(name) -> bool`` for the spec's vector names (None: names not checked here).
     Raises:
         RequestArgError: naming the field and the allowed values.
     """
@@ -266,7 +359,7 @@ def parse_request_args(
         hint = f" (did you mean {near!r}?)" if near else ""
         raise RequestArgError(
             f"unknown value_steer key {key!r} in vllm_xargs / extra_args{hint}; value_steer's keys are "
-            f"{list(REQUEST_KEYS)}"
+            f"{list(REQUEST_KEYS)}, and {STEERING_KEY!r} for activation steering"
         )
     steering_configured = cfg.mode != MODE_OFF
     on = cfg.enabled_by_default and steering_configured
@@ -296,12 +389,28 @@ def parse_request_args(
         capture = _parse_switch(args["value_steer_capture"], "value_steer_capture")
         if capture and cfg.capture is None:
             raise RequestArgError("value_steer_capture=true, but the server has no 'capture' section")
+    spec = None
+    if args.get(STEERING_KEY) is not None:
+        if cfg.steering is None:
+            raise RequestArgError(
+                "steering: this server has no 'steering' section in --additional-config (start it with "
+                "--additional-config '{\"steering\": {}}' to accept activation-steering requests)"
+            )
+        spec = parse_steering_spec(
+            args[STEERING_KEY],
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            max_ops=cfg.steering.max_ops_per_request,
+            max_inline_floats=cfg.steering.max_inline_floats,
+            resolve=resolve,
+        )
     return RequestSteer(
         mode=cfg.mode if on else MODE_OFF,
         threshold=threshold,
         sign=cfg.sign,
         num_candidates=k if on else 1,
         capture=capture,
+        steering=spec,
     )
 
 

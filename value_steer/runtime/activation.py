@@ -1,0 +1,597 @@
+"""Activation steering in the worker: the vector bank, the per-layer op tables and the per-token buffers.
+
+No vLLM, no kernels: this module owns the persistent buffers the ``steer_activations`` / ``steer_gate`` ops
+read (``docs/activation-steering.md``) and keeps them current with request admissions and removals.
+
+- :class:`VectorBank`: ``[max_vectors, H]`` fp32 device table, one slot per distinct vector *content*
+  (sha256 of its fp32 bytes), reference-counted by names and by running requests.
+- :class:`ActivationTables`: per decoder layer the ``[R, M]`` op tables, the gate tables, and the per-token
+  ``token_row`` / ``token_decode`` / ``gate`` buffers of a step.
+
+Per-layer vector files: a bank entry is ``[H]`` (one vector, used at whatever layer an op names) or
+``[num_layers, H]`` (one vector per layer): an op at layer ``L`` naming a per-layer entry uses row ``L``, and
+a gate at layer ``Lg`` uses row ``Lg`` as its probe. Each distinct row takes a slot.
+
+Hot-path discipline (``tests/runtime/test_activation.py``): admission and removal write numpy mirrors;
+:meth:`ActivationTables.flush` copies what changed once per step, nothing on a steady step; per step,
+:meth:`ActivationTables.fill_tokens` makes ONE non-blocking host->device copy; nothing is read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from value_steer.core.activation import OP_NONE
+from value_steer.core.config import RequestArgError
+from value_steer.core.steering_spec import NAME_RE, NAME_RULE, OP_CODES, InlineVector, SteeringSpec, VectorRef
+from value_steer.runtime.staging import HostDeviceBuffer
+
+
+class VectorBankError(ValueError):
+    """A vector-bank operation was refused (unknown name, bad data, full bank, vector in use)."""
+
+
+class BankFullError(VectorBankError):
+    """No free slot: the message names ``max_vectors`` (``steering.max_vectors``)."""
+
+
+class VectorInUseError(VectorBankError):
+    """``delete`` of a vector that running requests still use."""
+
+
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned host memory makes the host->device copies truly asynchronous on CUDA.
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def _row_hash(row: np.ndarray) -> str:
+    # Equal to steering_spec.vector_content_hash / InlineVector.content_hash of the same values.
+    return hashlib.sha256(np.ascontiguousarray(row, dtype="<f4").tobytes()).hexdigest()
+
+
+@dataclass
+class _Slot:
+    index: int
+    norm: float
+    names: int = 0  # names whose data holds this content
+    users: int = 0  # running-request references (acquire/release)
+
+
+@dataclass(frozen=True)
+class VectorInfo:
+    """A named bank entry.
+
+    shape: ``(H,)`` or ``(num_layers, H)``. content_hash: for ``[H]``, the sha256 of its fp32 bytes (what
+    :func:`~value_steer.core.steering_spec.fingerprint` sees); for ``[num_layers, H]``, a sha256 over the
+    shape and all rows. row_hashes / slots / norms: per row (one row for ``[H]``).
+    """
+
+    name: str
+    content_hash: str
+    shape: tuple[int, ...]
+    row_hashes: tuple[str, ...]
+    slots: tuple[int, ...]
+    norms: tuple[float, ...]
+
+    @property
+    def per_layer(self) -> bool:
+        return len(self.shape) == 2
+
+    def row_hash(self, layer: int) -> str:
+        """The content hash of the vector an op at ``layer`` uses."""
+        if not self.per_layer:
+            return self.row_hashes[0]
+        if not 0 <= layer < len(self.row_hashes):
+            raise VectorBankError(f"layer {layer} out of range for per-layer vector {self.name!r} {list(self.shape)}")
+        return self.row_hashes[layer]
+
+
+class VectorBank:
+    """The steering vectors on the device: ``table [max_vectors, H]`` fp32, slots by content hash.
+
+    A slot lives while a name holds its content or a running request holds it (:meth:`acquire` /
+    :meth:`acquire_inline`, :meth:`release`). Writes go to a host mirror; :meth:`flush` copies the span of
+    changed slots once (called by :meth:`ActivationTables.flush`). Thread-safe (registry routes may call
+    from another thread than the engine step).
+
+    Args:
+        max_vectors: slots ``S``.
+        hidden_size: ``H``.
+        num_layers: the model's decoder layers (the row count of a per-layer entry).
+        device: where ``table`` lives.
+    """
+
+    def __init__(self, max_vectors: int, hidden_size: int, num_layers: int, device: torch.device | str) -> None:
+        if max_vectors < 1 or hidden_size < 1 or num_layers < 1:
+            raise ValueError("max_vectors, hidden_size and num_layers must be >= 1")
+        self.device = torch.device(device)
+        self.max_vectors = max_vectors
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self._host = _pinned(torch.zeros((max_vectors, hidden_size), dtype=torch.float32), self.device)
+        self._host_np = self._host.numpy()
+        self.table = torch.zeros((max_vectors, hidden_size), dtype=torch.float32, device=self.device)
+        self._free = list(range(max_vectors - 1, -1, -1))  # pop() hands out the lowest slot first
+        self._slots: dict[str, _Slot] = {}
+        self._names: dict[str, VectorInfo] = {}
+        self._dirty_lo, self._dirty_hi = max_vectors, 0
+        self._lock = threading.RLock()
+
+    # ---- names ----------------------------------------------------------------------------------------------
+    def _as_rows(self, name: str, data: Any) -> tuple[np.ndarray, int]:
+        if isinstance(data, torch.Tensor):
+            data = data.detach().to(device="cpu", dtype=torch.float32).numpy()
+        a = np.array(data, dtype=np.float32)  # a copy: the caller's buffer may change later
+        h, n = self.hidden_size, self.num_layers
+        if a.shape not in ((h,), (n, h)):
+            raise VectorBankError(f"vector {name!r}: shape must be [{h}] or [{n}, {h}] ([H] or [num_layers, H]), "
+                                  f"got {list(a.shape)}")
+        rows = a.reshape(-1, h)
+        if not np.isfinite(rows).all():
+            raise VectorBankError(f"vector {name!r}: has NaN or inf entries")
+        zero = ~rows.any(axis=1)
+        if zero.any():
+            where = f" (row {int(np.argmax(zero))})" if a.ndim == 2 else ""
+            raise VectorBankError(f"vector {name!r}: zero vector{where}; a steering vector needs a direction")
+        return rows, a.ndim
+
+    def _full(self, what: str, needed: int, free: int) -> BankFullError:
+        return BankFullError(
+            f"vector bank full: {what} needs {needed} new slot(s), {free} free of max_vectors={self.max_vectors} "
+            "(steering.max_vectors in --additional-config); delete unused vectors or raise max_vectors"
+        )
+
+    def register(self, name: str, data: Any) -> VectorInfo:
+        """Store ``data`` (``[H]`` or ``[num_layers, H]``, list/array/tensor) under ``name``.
+
+        Re-registering a name with new data makes a new vector (new content hash, new fingerprints); the old
+        content's slot is freed once no name and no running request holds it. Same data: a no-op.
+        Raises:
+            VectorBankError: a bad name or data; :class:`BankFullError` when the slots run out.
+        """
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise VectorBankError(f"vector name must be {NAME_RULE}, got {name!r}")
+        rows, ndim = self._as_rows(name, data)
+        row_hashes = tuple(_row_hash(r) for r in rows)
+        if ndim == 1:
+            content, shape = row_hashes[0], (self.hidden_size,)
+        else:
+            shape = (self.num_layers, self.hidden_size)
+            content = hashlib.sha256(f"per-layer:{shape}:".encode() + "".join(row_hashes).encode()).hexdigest()
+        distinct = dict.fromkeys(row_hashes)  # ordered, each content once per name
+        with self._lock:
+            old = self._names.get(name)
+            if old is not None and old.content_hash == content:
+                return old
+            new = [h for h in distinct if h not in self._slots]
+            freeable = 0
+            if old is not None:
+                freeable = sum(1 for h in set(old.row_hashes) if h not in distinct
+                               and self._slots[h].names == 1 and self._slots[h].users == 0)
+            if len(new) > len(self._free) + freeable:
+                raise self._full(f"vector {name!r}", len(new), len(self._free) + freeable)
+            # Hold the contents already present before dropping the old name, so shared rows are not freed
+            # and re-written.
+            for h in distinct:
+                if h in self._slots:
+                    self._slots[h].names += 1
+            if old is not None:
+                self._drop_name(old)
+            first = {h: i for i, h in reversed(list(enumerate(row_hashes)))}
+            for h in new:
+                s = self._alloc(h, rows[first[h]])
+                s.names = 1
+            info = VectorInfo(name, content, shape, row_hashes, tuple(self._slots[h].index for h in row_hashes),
+                              tuple(self._slots[h].norm for h in row_hashes))
+            self._names[name] = info
+            return info
+
+    def _alloc(self, h: str, row: np.ndarray) -> _Slot:
+        idx = self._free.pop()
+        self._host_np[idx] = row
+        self._dirty_lo, self._dirty_hi = min(self._dirty_lo, idx), max(self._dirty_hi, idx + 1)
+        s = _Slot(idx, float(np.linalg.norm(row.astype(np.float64))))
+        self._slots[h] = s
+        return s
+
+    def _maybe_free(self, h: str) -> None:
+        s = self._slots[h]
+        if s.names == 0 and s.users == 0:
+            del self._slots[h]
+            self._free.append(s.index)
+
+    def _drop_name(self, info: VectorInfo) -> None:
+        for h in dict.fromkeys(info.row_hashes):
+            self._slots[h].names -= 1
+            self._maybe_free(h)
+
+    def lookup(self, name: str) -> VectorInfo | None:
+        """The named entry, or None."""
+        with self._lock:
+            return self._names.get(name)
+
+    def resolve(self, name: str) -> bool:
+        """Whether ``name`` is registered (the ``resolve`` callable of ``parse_steering_spec``)."""
+        with self._lock:
+            return name in self._names
+
+    def vector_hash(self, ref: VectorRef) -> str:
+        """The content hash a spec's vector stands for (the ``vector_hash`` callable of ``fingerprint``)."""
+        if isinstance(ref, InlineVector):
+            return ref.content_hash
+        info = self.lookup(ref)
+        if info is None:
+            raise VectorBankError(f"unknown vector {ref!r}")
+        return info.content_hash
+
+    def delete(self, name: str) -> None:
+        """Remove a name. Refused (:class:`VectorInUseError`) while a running request uses its content."""
+        with self._lock:
+            info = self._names.get(name)
+            if info is None:
+                raise VectorBankError(f"unknown vector {name!r}")
+            users = sum(self._slots[h].users for h in dict.fromkeys(info.row_hashes))
+            if users:
+                raise VectorInUseError(
+                    f"vector {name!r} is in use by running requests ({users} reference(s)); delete it when they finish"
+                )
+            del self._names[name]
+            self._drop_name(info)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every named entry: ``name``, ``hash``, ``shape``, ``norms`` (per row), ``slots``, ``in_use``
+        (running-request references), sorted by name."""
+        with self._lock:
+            return [{"name": i.name, "hash": i.content_hash, "shape": list(i.shape), "norms": list(i.norms),
+                     "slots": list(i.slots),
+                     "in_use": sum(self._slots[h].users for h in dict.fromkeys(i.row_hashes))}
+                    for i in sorted(self._names.values(), key=lambda i: i.name)]
+
+    def usage(self) -> dict[str, int]:
+        """Slot use: ``max_vectors``, ``slots_used``, ``slots_free``, ``inline_slots`` (held by requests only)."""
+        with self._lock:
+            return {"max_vectors": self.max_vectors, "slots_used": len(self._slots), "slots_free": len(self._free),
+                    "inline_slots": sum(1 for s in self._slots.values() if s.names == 0)}
+
+    # ---- running requests -----------------------------------------------------------------------------------
+    def acquire(self, content_hash: str) -> int:
+        """Hold a stored content for a running request; returns its slot."""
+        with self._lock:
+            s = self._slots.get(content_hash)
+            if s is None:
+                raise VectorBankError(f"no vector with content hash {content_hash[:12]}... in the bank")
+            s.users += 1
+            return s.index
+
+    def acquire_inline(self, vec: InlineVector) -> tuple[str, int]:
+        """Hold an inline vector for a running request (a slot for the request's life; shared with equal
+        content). Returns ``(content hash, slot)``."""
+        if vec.size != self.hidden_size:
+            raise VectorBankError(f"inline vector has {vec.size} floats, the model's hidden size is {self.hidden_size}")
+        h = vec.content_hash
+        with self._lock:
+            if h not in self._slots:
+                if not self._free:
+                    raise self._full("an inline vector", 1, 0)
+                self._alloc(h, vec.numpy())
+            s = self._slots[h]
+            s.users += 1
+            return h, s.index
+
+    def acquire_ref(self, ref: VectorRef, layer: int) -> tuple[str, int]:
+        """Hold the vector a spec names for ``layer`` (a per-layer entry gives row ``layer``)."""
+        if isinstance(ref, InlineVector):
+            return self.acquire_inline(ref)
+        with self._lock:
+            info = self._names.get(ref)
+            if info is None:
+                raise VectorBankError(f"unknown vector {ref!r} (not registered, or deleted)")
+            h = info.row_hash(layer)
+            return h, self.acquire(h)
+
+    def release(self, content_hash: str) -> None:
+        """Drop one running-request reference; the slot is freed when nothing holds it."""
+        with self._lock:
+            s = self._slots.get(content_hash)
+            if s is None or s.users < 1:
+                raise VectorBankError(f"release of a vector not held: {content_hash[:12]}...")
+            s.users -= 1
+            self._maybe_free(content_hash)
+
+    # ---- start-up and publication ---------------------------------------------------------------------------
+    def load_dir(self, path: str) -> list[VectorInfo]:
+        """Register every ``*.safetensors`` in ``path`` (sorted): each holds one tensor, ``[H]`` or
+        ``[num_layers, H]``; the file stem is its name. Errors name the file."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        out = []
+        for fname in sorted(os.listdir(path)):
+            if not fname.endswith(".safetensors"):
+                continue
+            full = os.path.join(path, fname)
+            try:
+                tensors = load_file(full)
+            except (SafetensorError, OSError) as exc:
+                raise VectorBankError(f"{full}: not a readable safetensors file ({exc})") from exc
+            if len(tensors) != 1:
+                raise VectorBankError(f"{full}: expected exactly one tensor ([H] or [num_layers, H]), "
+                                      f"found {len(tensors)}: {sorted(tensors)}")
+            try:
+                out.append(self.register(fname[: -len(".safetensors")], next(iter(tensors.values()))))
+            except VectorBankError as exc:
+                raise type(exc)(f"{full}: {exc}") from None
+        return out
+
+    def flush(self) -> bool:
+        """Copy the span of slots written since the last flush (one non-blocking copy); False if none."""
+        with self._lock:
+            lo, hi = self._dirty_lo, self._dirty_hi
+            if lo >= hi:
+                return False
+            self._dirty_lo, self._dirty_hi = self.max_vectors, 0
+            dst = self.table[lo:hi]
+            if dst.data_ptr() != self._host.data_ptr():
+                dst.copy_(self._host[lo:hi], non_blocking=True)
+            return True
+
+
+@dataclass
+class _RowRecord:
+    layers: tuple[int, ...]
+    gate_layer: int | None
+    held: list[str] = field(default_factory=list)  # content hashes acquired from the bank
+
+
+_TOKEN_ALIGN = 64  # keeps the int32 region of the packed token buffer aligned
+
+
+class ActivationTables:
+    """The tables the steering ops read, for one runner.
+
+    Op tables, one ``[R, M]`` set per decoder layer (stacked ``[num_layers, R, M]``; :meth:`op_tables` gives
+    a layer's contiguous views): ``op_kind`` int32 (``OP_NONE`` ends a row's list, else ``OP_CODES``),
+    ``op_slot`` int32 (bank slot), ``op_a`` fp32 (add/ablate: scale; cap: min, -inf for none), ``op_b`` fp32
+    (cap: max, +inf for none), ``op_flags`` int32 (``FLAG_PROMPT | FLAG_DECODE | FLAG_GATED``). Ops of a
+    layer keep the spec's order.
+
+    Gate tables: ``gate_slot`` int32 ``[num_layers, R]`` (-1: the row has no gate *at that layer*; a row
+    has at most one gate), ``gate_threshold`` / ``gate_sharpness`` fp32 ``[R]``. The gate slot is per layer
+    because requests gate at different layers: ``steer_gate`` at layer ``L`` must write ``gate`` only for
+    tokens of rows gated at ``L`` (and leave the others: a row gated at an earlier layer still needs its
+    value at the layers above).
+
+    Per-token buffers ``[max_tokens]`` (shared by every layer of a step): ``token_row`` int32 (row 0:
+    untouched), ``token_decode`` int8 (1: decode token), filled by :meth:`fill_tokens`; ``gate`` fp32,
+    device-only, written by ``steer_gate`` and read only by gated ops (initialised to 1).
+
+    Args:
+        bank: the :class:`VectorBank` whose slots the tables index.
+        num_rows: ``R`` (``max_num_seqs + 1``; row 0 is off).
+        max_ops: ``M`` (``steering.max_ops_per_request``).
+        max_tokens: per-token buffer length (``max_num_batched_tokens`` plus any extra tokens the adapter
+            forwards).
+        device: where the tables live.
+    """
+
+    OP_COLUMNS = ("op_kind", "op_slot", "op_a", "op_b", "op_flags")
+
+    def __init__(self, bank: VectorBank, num_rows: int, max_ops: int, max_tokens: int,
+                 device: torch.device | str) -> None:
+        if num_rows < 2 or max_ops < 1 or max_tokens < 1:
+            raise ValueError("num_rows must be >= 2 (row 0 is off), max_ops and max_tokens >= 1")
+        self.bank = bank
+        self.device = torch.device(device)
+        self.num_rows, self.max_ops, self.max_tokens = num_rows, max_ops, max_tokens
+        n_layers = bank.num_layers
+        self.num_layers = n_layers
+        shape = (n_layers, num_rows, max_ops)
+        init = {
+            "op_kind": torch.zeros(shape, dtype=torch.int32),
+            "op_slot": torch.zeros(shape, dtype=torch.int32),
+            "op_a": torch.zeros(shape, dtype=torch.float32),
+            "op_b": torch.zeros(shape, dtype=torch.float32),
+            "op_flags": torch.zeros(shape, dtype=torch.int32),
+            "gate_slot": torch.full((n_layers, num_rows), -1, dtype=torch.int32),
+            "gate_threshold": torch.zeros(num_rows, dtype=torch.float32),
+            "gate_sharpness": torch.ones(num_rows, dtype=torch.float32),
+        }
+        self._host_t = {k: _pinned(v, self.device) for k, v in init.items()}
+        self.host: dict[str, np.ndarray] = {k: v.numpy() for k, v in self._host_t.items()}
+        # Start-up copies (before any step): the device tables start equal to their mirrors.
+        self.dev: dict[str, torch.Tensor] = {k: v.to(self.device) for k, v in self._host_t.items()}
+        self._op_dirty = [n_layers, 0]  # [lo, hi) of layers whose op tables changed
+        self._gate_dirty = [n_layers, 0]  # [lo, hi) of layers whose gate_slot changed
+        self._gate_params_dirty = False
+        self._rows: dict[int, _RowRecord] = {}
+        self.layer_use = np.zeros(n_layers, dtype=np.int64)  # live rows editing each layer
+        self.gate_use = np.zeros(n_layers, dtype=np.int64)  # live rows gating at each layer
+        # Per-token buffers: token_decode (int8) then token_row (int32) packed in one buffer, so a step
+        # publishes both with one copy of [0, off + 4 T) bytes (the int8 region first: it wastes at most
+        # max_tokens bytes, where the other order would copy 4 max_tokens).
+        off = -(-max_tokens // _TOKEN_ALIGN) * _TOKEN_ALIGN
+        self._row_off = off
+        self._tokens = HostDeviceBuffer(off + 4 * max_tokens, torch.uint8, self.device)
+        self._host_decode = self._tokens.np[:max_tokens].view(np.int8)
+        self._host_row = self._tokens.np[off:].view(np.int32)
+        self.token_decode = self._tokens.device[:max_tokens].view(torch.int8)
+        self.token_row = self._tokens.device[off:].view(torch.int32)
+        self.gate = torch.ones(max_tokens, dtype=torch.float32, device=self.device)
+        self._arange = np.arange(max_tokens, dtype=np.int64)
+
+    # ---- views the ops read ---------------------------------------------------------------------------------
+    def op_tables(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """``(op_kind, op_slot, op_a, op_b, op_flags)`` of ``layer``, each ``[R, M]`` contiguous."""
+        return tuple(self.dev[c][layer] for c in self.OP_COLUMNS)
+
+    def gate_tables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(gate_slot [R] int32, gate_threshold [R] fp32, gate_sharpness [R] fp32)`` for ``steer_gate`` at
+        ``layer`` (slot -1 for rows not gated at ``layer``)."""
+        return self.dev["gate_slot"][layer], self.dev["gate_threshold"], self.dev["gate_sharpness"]
+
+    @property
+    def active(self) -> bool:
+        """Whether any live row has steering (an adapter may skip the per-token fill otherwise)."""
+        return bool(self._rows)
+
+    def row_of(self, row: int) -> _RowRecord | None:
+        return self._rows.get(row)
+
+    # ---- request lifecycle ----------------------------------------------------------------------------------
+    def _check_row(self, row: int) -> None:
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 1 <= row < self.num_rows:
+            raise ValueError(f"row must be an int in [1, {self.num_rows}), got {row!r}")
+
+    def add_request(self, row: int, spec: SteeringSpec) -> None:
+        """Write ``spec`` into row ``row`` (host mirrors; :meth:`flush` publishes) and hold its vectors.
+
+        Ops at a layer ``>= spec.gate.layer`` are gated and decode-only (derived from the gate here, whatever
+        the ops' ``gated`` field says). All-or-nothing: on error nothing is written or held.
+        Raises:
+            RequestArgError: a vector the bank cannot supply (deleted since validation, full bank), naming the
+                spec field; ValueError: a bad row, or more ops at one layer than ``max_ops``.
+        """
+        self._check_row(row)
+        if row in self._rows:
+            raise ValueError(f"row {row} already holds a steering spec; remove_request it first")
+        per_layer: dict[int, list[int]] = {}
+        for i, op in enumerate(spec.ops):
+            if not 0 <= op.layer < self.num_layers:
+                raise ValueError(f"steering.ops[{i}].layer {op.layer} out of range [0, {self.num_layers})")
+            per_layer.setdefault(op.layer, []).append(i)
+        for layer, idx in per_layer.items():
+            if len(idx) > self.max_ops:
+                raise ValueError(f"{len(idx)} ops at layer {layer}, the tables hold max_ops={self.max_ops}")
+        g = spec.gate
+        if g is not None and not 0 <= g.layer < self.num_layers:
+            raise ValueError(f"steering.gate.layer {g.layer} out of range [0, {self.num_layers})")
+        held: list[str] = []
+        slots: list[int] = []
+        try:
+            for fld, ref, layer in spec.vector_refs():
+                try:
+                    h, s = self.bank.acquire_ref(ref, layer)
+                except VectorBankError as exc:
+                    raise RequestArgError(f"{fld}: {exc}") from None
+                held.append(h)
+                slots.append(s)
+        except Exception:
+            for h in held:
+                self.bank.release(h)
+            raise
+        hm = self.host
+        for layer, idx in per_layer.items():
+            n = len(idx)
+            for j, i in enumerate(idx):
+                op = spec.ops[i]
+                gated = g is not None and op.layer >= g.layer
+                hm["op_kind"][layer, row, j] = OP_CODES[op.op]
+                hm["op_slot"][layer, row, j] = slots[i]
+                if op.op == "cap":
+                    hm["op_a"][layer, row, j] = -np.inf if op.min is None else op.min
+                    hm["op_b"][layer, row, j] = np.inf if op.max is None else op.max
+                else:
+                    hm["op_a"][layer, row, j] = op.scale
+                    hm["op_b"][layer, row, j] = 0.0
+                hm["op_flags"][layer, row, j] = replace(op, gated=gated).flags
+            hm["op_kind"][layer, row, n:] = OP_NONE
+            self.layer_use[layer] += 1
+            self._mark(self._op_dirty, layer)
+        if g is not None:
+            hm["gate_slot"][g.layer, row] = slots[len(spec.ops)]
+            hm["gate_threshold"][row] = g.threshold
+            hm["gate_sharpness"][row] = g.sharpness
+            self.gate_use[g.layer] += 1
+            self._mark(self._gate_dirty, g.layer)
+            self._gate_params_dirty = True
+        self._rows[row] = _RowRecord(tuple(per_layer), None if g is None else g.layer, held)
+
+    def remove_request(self, row: int) -> None:
+        """Clear row ``row`` (staged) and release its vectors. Idempotent."""
+        rec = self._rows.pop(row, None)
+        if rec is None:
+            return
+        hm = self.host
+        for layer in rec.layers:
+            for c in self.OP_COLUMNS:
+                hm[c][layer, row, :] = 0
+            self.layer_use[layer] -= 1
+            self._mark(self._op_dirty, layer)
+        if rec.gate_layer is not None:
+            hm["gate_slot"][rec.gate_layer, row] = -1
+            self.gate_use[rec.gate_layer] -= 1
+            self._mark(self._gate_dirty, rec.gate_layer)
+        for h in rec.held:
+            self.bank.release(h)
+
+    @staticmethod
+    def _mark(span: list[int], layer: int) -> None:
+        span[0], span[1] = min(span[0], layer), max(span[1], layer + 1)
+
+    def flush(self) -> int:
+        """Publish staged writes (the bank's too): per op column, one non-blocking copy of the changed layers'
+        span; the gate tables likewise. A steady step copies nothing. Returns the number of copies."""
+        copies = int(self.bank.flush())
+        spans = [(self.OP_COLUMNS, self._op_dirty), (("gate_slot",), self._gate_dirty)]
+        for cols, span in spans:
+            lo, hi = span
+            if lo >= hi:
+                continue
+            for c in cols:
+                copies += self._copy(c, slice(lo, hi))
+            span[0], span[1] = self.num_layers, 0
+        if self._gate_params_dirty:
+            copies += self._copy("gate_threshold", slice(None)) + self._copy("gate_sharpness", slice(None))
+            self._gate_params_dirty = False
+        return copies
+
+    def _copy(self, col: str, sl: slice) -> int:
+        dst, src = self.dev[col][sl], self._host_t[col][sl]
+        if dst.data_ptr() == src.data_ptr():
+            return 0
+        dst.copy_(src, non_blocking=True)
+        return 1
+
+    # ---- per step ------------------------------------------------------------------------------------------
+    def fill_tokens(self, rows: np.ndarray, num_scheduled: np.ndarray, num_computed: np.ndarray,
+                    num_prompt: np.ndarray, pad_to: int | None = None) -> int:
+        """Fill ``token_row`` / ``token_decode`` for one step and publish them with ONE non-blocking copy.
+
+        The step's tokens are the requests' scheduled tokens back to back, in batch order (the order after
+        the runner's batch update). A token is a decode token when its position is at or after the
+        request's prompt length (so a prefill chunk is prompt, a decode token is decode, and a resumed
+        request's recomputed output counts as decode, as it did when first generated).
+
+        Args:
+            rows: ``[n]`` int steering row per request (0: no steering).
+            num_scheduled: ``[n]`` int tokens scheduled this step per request.
+            num_computed: ``[n]`` int tokens of the request already computed (the first scheduled position).
+            num_prompt: ``[n]`` int prompt length.
+            pad_to: fill ``[T, pad_to)`` with row 0 too (a CUDA-graph padded batch); default ``T``.
+        Returns:
+            ``T``, the number of tokens filled (the ops read ``[:T]``).
+        """
+        ns = np.asarray(num_scheduled, dtype=np.int64)
+        t = int(ns.sum())
+        tp = t if pad_to is None else int(pad_to)
+        if not t <= tp <= self.max_tokens:
+            raise ValueError(f"{t} scheduled tokens (padded to {tp}) exceed the token buffers ({self.max_tokens})")
+        if tp == 0:
+            return 0
+        self._host_row[:t] = np.repeat(np.asarray(rows, dtype=np.int32), ns)
+        starts = np.cumsum(ns) - ns
+        # Index (in the step) of each request's first decode token: its first position >= num_prompt.
+        first_decode = starts + np.clip(np.asarray(num_prompt, dtype=np.int64) - np.asarray(num_computed), 0, ns)
+        self._host_decode[:t] = self._arange[:t] >= np.repeat(first_decode, ns)
+        self._host_row[t:tp] = 0
+        self._host_decode[t:tp] = 0
+        self._tokens.copy_to_device(self._row_off + 4 * tp)
+        return t
+
