@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "simd8.h"
 
 namespace value_steer {
 namespace {
@@ -35,50 +36,10 @@ constexpr int32_t kOpCap = 2;     // OP_CAP
 constexpr int32_t kOpAblate = 3;  // OP_ABLATE
 constexpr int32_t kFlagPrompt = 1, kFlagDecode = 2, kFlagGated = 4;
 
-inline float to_f(float v) { return v; }
-inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_f(c10::Half v) { return static_cast<float>(v); }
-
-// 8-float vectors (GCC/Clang vector extensions, as in value_head.cpp): one ymm op in the AVX2 clone, two
-// xmm ops in the baseline one.
-// The per-token kernels below are built for AVX2 and for the baseline ISA (GCC target_clones,
-// runtime-dispatched, as in value_head.cpp; FMA stays off so both clones round alike); the helpers are
-// force-inlined into each clone, so no vector crosses a call boundary.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define VS_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VS_CLONES
-#endif
-#if defined(__GNUC__)
-#define VS_INLINE inline __attribute__((always_inline))
-#pragma GCC diagnostic ignored "-Wpsabi"
-#else
-#define VS_INLINE inline
-#endif
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
+// 8-float vectors, loads and the AVX2/baseline clone macros: simd8.h (shared with value_head.cpp).
+using namespace simd8;  // NOLINT
 
 VS_INLINE v8f splat(float c) { return v8f{c, c, c, c, c, c, c, c}; }
-VS_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-VS_INLINE v8f load8(const c10::BFloat16* p) {
-  v8h u;
-  std::memcpy(&u, p, sizeof(u));
-  const v8u w = __builtin_convertvector(u, v8u) << 16;
-  v8f f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
-}
-VS_INLINE v8f load8(const c10::Half* p) {
-  float tmp[8];
-  for (int j = 0; j < 8; ++j) tmp[j] = static_cast<float>(p[j]);
-  return load8(tmp);
-}
 VS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 // Round to nearest even, NaN -> 0x7FC0: the same bits as c10::BFloat16(float).
 VS_INLINE void store8(c10::BFloat16* p, v8f v) {

@@ -19,19 +19,8 @@
 #include <cstring>
 
 #include "ops.h"
+#include "simd8.h"
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define VS_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VS_CLONES
-#endif
-// Force inlining so the helpers are compiled for each clone's ISA (an out-of-line helper would be
-// compiled once, for the baseline ISA).
-#if defined(__GNUC__)
-#define VS_INLINE inline __attribute__((always_inline))
-#else
-#define VS_INLINE inline
-#endif
 
 namespace value_steer {
 namespace {
@@ -40,33 +29,8 @@ constexpr int kLanes = 16;
 constexpr int64_t kColChunk = 16;  // weight rows per work item
 constexpr int64_t kRowBlock = 16;  // input rows per work item
 
-// 8-float vectors via GCC/Clang vector extensions: lowered to one ymm op in the AVX2 clone and to two
-// xmm ops in the baseline clone; elementwise mul then add (never fused), so every clone rounds alike.
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-
-VS_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-VS_INLINE v8f load8(const c10::BFloat16* p) {
-  v8h u;
-  std::memcpy(&u, p, sizeof(u));
-  const v8u w = __builtin_convertvector(u, v8u) << 16;
-  v8f f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
-}
-VS_INLINE v8f load8(const c10::Half* p) {
-  float tmp[8];
-  for (int j = 0; j < 8; ++j) tmp[j] = static_cast<float>(p[j]);
-  return load8(tmp);
-}
-VS_INLINE float to_f(float v) { return v; }
-VS_INLINE float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
-VS_INLINE float to_f(c10::Half v) { return static_cast<float>(v); }
+// 8-float vectors and loads: simd8.h.
+using namespace simd8;  // NOLINT
 
 // Lane j of the 16 accumulates the products with k = j (mod 16) over the full 16-blocks, in order.
 VS_INLINE float lane_tree(v8f lo, v8f hi) {
