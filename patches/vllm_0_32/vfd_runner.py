@@ -735,12 +735,13 @@ class VFDRunnerMixin:
     # ---- two-phase VFD: alternatives only for the rows whose natural sample is unsafe ---------------------
     def _vfd_second_phase(self, plan: _StepPlan, rows_t: torch.Tensor, tokens: torch.Tensor, nvalid: torch.Tensor,
                           hidden: torch.Tensor, k_r: torch.Tensor
-                          ) -> tuple[Winners | None, torch.Tensor, torch.Tensor]:
+                          ) -> tuple[Winners | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score every steady row's natural sample (candidate 0, forwarded in the main forward); forward the
         alternatives ``1..k-1`` of the unsafe rows in a second forward at the same position (their scratch
         blocks mirror the real block, as in eager VFD).
 
-        Returns ``(winners, num_valid [S], hidden [S * k_max, H])``. ``winners`` is set when every natural
+        Returns ``(winners, num_valid [S], hidden [S * k_max, H], values [S, k_max])``: only the forwarded
+        candidates are scored (values NaN elsewhere). ``winners`` is set when every natural
         sample is safe (candidate 0 wins everywhere: no second forward, no second device read; the caller
         records the stats); otherwise
         the alternatives' states are placed into ``hidden`` and rows without alternatives keep one valid
@@ -752,6 +753,8 @@ class VFDRunnerMixin:
         s = int(rows_t.shape[0])
         h0 = hidden.view(s, kmax, -1)[:, 0]
         v0 = st.values(h0)
+        values = torch.full((s, kmax), float("nan"), dtype=v0.dtype, device=v0.device)
+        values[:, 0] = v0
         rt = st.rows
         signed = rt.sign.index_select(0, rows_t) * (v0 - rt.threshold.index_select(0, rows_t))
         unsafe = ~(signed < 0) & (k_r > 1)  # NaN is never safe; a row with K=1 has no alternative
@@ -761,7 +764,7 @@ class VFDRunnerMixin:
         if not alt.size:
             zeros = torch.zeros(s, dtype=torch.bool, device=v0.device)
             won = Winners(np.zeros(s, dtype=np.int64), tok0_h, tokens[:, 0], v0, zeros, h0)
-            return won, torch.ones_like(nvalid), hidden
+            return won, torch.ones_like(nvalid), hidden, values
         bt = self.input_batch.block_table[0]  # type: ignore[attr-defined]
         bs = int(bt.block_size)
         srows = plan.steady_rows[alt]
@@ -781,7 +784,8 @@ class VFDRunnerMixin:
         self._vfd_schedule.counters["second_forwards"] += 1
         self._vfd_schedule.counters["second_forward_rows"] += int(parent.size)
         hidden = hidden.index_copy(0, dest_d, hidden_alt.to(hidden.dtype))
-        return None, torch.where(unsafe, nvalid, torch.ones_like(nvalid)), hidden
+        values.view(-1).index_copy_(0, dest_d, st.values(hidden_alt))
+        return None, torch.where(unsafe, nvalid, torch.ones_like(nvalid)), hidden, values
 
     # ---- the per-step decision --------------------------------------------------------------------------
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
@@ -803,12 +807,13 @@ class VFDRunnerMixin:
         want_lp = st.slot_logprobs[batch_rows]
         any_lp = bool(want_lp.any())
         batch_t, rows_t = self._vfd_stage([batch_rows, rows])
-        batch_t, rows_t = batch_t.clone(), rows_t.clone()  # the staging buffer is reused below
+        # They outlive the step's other staged copies (first-token, second forward, redo): own them.
+        batch_t, rows_t = batch_t.clone(), rows_t.clone()
 
         # 1. Candidates, their valid counts and hidden states: steady rows from the pending table and the
         #    forward; first-token rows drawn and forwarded now.
         k_r = st.rows.num_candidates.index_select(0, rows_t).clamp(max=kmax).long()
-        tok_parts, nv_parts, hid_parts = [], [], []
+        tok_parts, nv_parts, hid_parts, val_parts = [], [], [], []
         drawn_nv: list[torch.Tensor] = []
         # Logprob bookkeeping of the candidates, for rows whose request asked for logprobs only.
         lp_of: dict[int, Any] = {
@@ -820,31 +825,37 @@ class VFDRunnerMixin:
             tok_s = pipes.pending_tokens.index_select(0, s_rows_t)
             nv_s = pipes.pending_nvalid.index_select(0, s_rows_t)
             hid_s = plan.steady_hidden
-            drawn_nv = [nv_s]  # what was drawn (debug records list every drawn candidate)
+            drawn_nv.append(nv_s)  # what was drawn (debug records list every drawn candidate)
             if plan.two_phase:
-                won, nv_s, hid_s = self._vfd_second_phase(plan, s_rows_t, tok_s, nv_s, hid_s, k_r[:n_steady])
+                won, nv_s, hid_s, val_s = self._vfd_second_phase(plan, s_rows_t, tok_s, nv_s, hid_s,
+                                                                 k_r[:n_steady])
                 if won is not None and plan.first_batch.size:
                     won = None  # first-token rows join the common selection below (candidate 0 still wins)
                 elif won is not None:
                     st.stats.record(s_rows_t, won.value, won.intervened, eos_forced=False)
+            else:
+                val_s = st.values(hid_s).view(n_steady, kmax)
             tok_parts.append(tok_s)
             nv_parts.append(nv_s)
             hid_parts.append(hid_s)
+            val_parts.append(val_s)
         if plan.first_batch.size:
             toks_f, nv_f, hid_f, f_lp = self._vfd_first_token(plan, logits, batch_t[n_steady:], want_lp[n_steady:])
             tok_parts.append(toks_f)
             nv_parts.append(nv_f)
             drawn_nv.append(nv_f)
             hid_parts.append(hid_f)
+            val_parts.append(st.values(hid_f).view(-1, kmax))
             lp_of.update({n_steady + j: info for j, info in enumerate(f_lp) if info is not None})
         tokens = torch.cat(tok_parts) if len(tok_parts) > 1 else tok_parts[0]
         nvalid = torch.minimum(torch.cat(nv_parts) if len(nv_parts) > 1 else nv_parts[0], k_r)
         hidden_all = torch.cat(hid_parts) if len(hid_parts) > 1 else hid_parts[0]
+        values_all = torch.cat(val_parts) if len(val_parts) > 1 else val_parts[0]
 
         # 2. Score and select; the step's one device->host read (vLLM's host-side output lists need the winners).
         #    A two-phase step whose natural samples were all safe already has them (candidate 0 everywhere).
         if won is None:
-            won = select_winners(st, rows_t, tokens, nvalid, hidden_all)
+            won = select_winners(st, rows_t, tokens, nvalid, hidden_all, values_all)
             if n_steady and not plan.two_phase:
                 self._vfd_schedule.observe(n_steady, int((won.col[:n_steady] != 0).sum()))
         win_col_h, win_tok_h, win_hidden = won.col, won.token, won.hidden
@@ -931,8 +942,7 @@ class VFDRunnerMixin:
             req_ids = [ib.req_ids[int(b)] for b in batch_rows]
             nv_h = torch.minimum(torch.cat(drawn_nv), k_r).tolist()
             cands = [t[:nv] for t, nv in zip(tokens.tolist(), nv_h)]
-            values = st.values(hidden_all).view(n_rows, kmax)  # debug only: recomputed, read back
-            self._vfd_record_debug(req_ids, positions.tolist(), cands, values, win_col_h.tolist(), win_tok_l)
+            self._vfd_record_debug(req_ids, positions.tolist(), cands, values_all, win_col_h.tolist(), win_tok_l)
         return out
 
     # ---- test/debug surface --------------------------------------------------------------------------

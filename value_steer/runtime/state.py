@@ -146,7 +146,7 @@ class SteeringState:
             self.rows.clear_row(state.row)
             self._free_rows.append(state.row)
         else:
-            snap = self.stats._empty_row
+            snap = self.stats.empty_row
         with self._lock:
             self.finished[req_id] = (snap, state.info)
             while len(self.finished) > MAX_FINISHED_KEPT:
@@ -157,6 +157,9 @@ class SteeringState:
         self.rows.flush()
         self.stats.flush()
 
+    def _live_stats(self, state: RequestState) -> tuple[torch.Tensor, RequestInfo]:
+        return (self.stats.table[state.row] if state.row else self.stats.empty_row, state.info)
+
     def stats_for(self, req_id: str, matches: Callable[[str, str], bool] | None = None) -> dict[str, Any] | None:
         """Stats of a live or recently finished request (reads the device; for the stats route only).
 
@@ -165,18 +168,11 @@ class SteeringState:
         with self._lock:
             found = self.finished.get(req_id)
             if found is None and req_id in self.requests:
-                st = self.requests[req_id]
-                found = (self.stats.table[st.row] if st.row else self.stats._empty_row, st.info)
+                found = self._live_stats(self.requests[req_id])
             if found is None and matches is not None:
-                for key, val in self.finished.items():
-                    if matches(key, req_id):
-                        found = val
-                        break
-                else:
-                    for key, st in self.requests.items():
-                        if matches(key, req_id):
-                            found = (self.stats.table[st.row] if st.row else self.stats._empty_row, st.info)
-                            break
+                found = next((v for k, v in self.finished.items() if matches(k, req_id)), None)
+                if found is None:
+                    found = next((self._live_stats(s) for k, s in self.requests.items() if matches(k, req_id)), None)
         return None if found is None else DeviceStats.read(*found)
 
     def counters_dict(self) -> dict[str, Any]:

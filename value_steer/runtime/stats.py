@@ -53,7 +53,7 @@ class DeviceStats:
         self.table[:, MAX_VALUE] = -math.inf
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
         self._reset = np.zeros(num_rows, dtype=bool)
-        self._empty_row = self.table[0].clone()
+        self.empty_row = self.table[0].clone()  # the stats of a request never scored (also the reset value)
 
     def stage_reset(self, row: int) -> None:
         self._reset[row] = True
@@ -62,7 +62,7 @@ class DeviceStats:
         if not self._reset.any():
             return
         idx = torch.from_numpy(np.flatnonzero(self._reset)).to(self.table.device, non_blocking=True)
-        self.table.index_copy_(0, idx, self._empty_row.expand(idx.shape[0], NUM_COLUMNS))
+        self.table.index_copy_(0, idx, self.empty_row.expand(idx.shape[0], NUM_COLUMNS))
         self._reset[:] = False
 
     def record(self, row_idx: torch.Tensor, values: torch.Tensor, flagged: torch.Tensor, *, eos_forced: bool) -> None:

@@ -36,7 +36,7 @@ class Winners:
 
 
 def select_winners(state: SteeringState, rows: torch.Tensor, tokens: torch.Tensor, num_valid: torch.Tensor,
-                   hidden: torch.Tensor) -> Winners:
+                   hidden: torch.Tensor, values: torch.Tensor | None = None) -> Winners:
     """Score the candidates (fused value head) and select per row (``score_and_select`` over the row table).
 
     Args:
@@ -44,6 +44,8 @@ def select_winners(state: SteeringState, rows: torch.Tensor, tokens: torch.Tenso
         tokens: ``[R, K]`` int64 candidate tokens (column 0 = the natural sample).
         num_valid: ``[R]`` int64 valid candidates per row (columns past it are never selected).
         hidden: ``[R * K, H]`` the candidates' final hidden states, row-major.
+        values: optional ``[R, K]`` fp32 values already scored (the value head is batch invariant, so a
+            caller that scored parts of the batch passes them instead of scoring every row again).
     Returns:
         :class:`Winners`; the only device->host read is the stacked ``[2, R]`` winner columns and tokens.
     """
@@ -51,7 +53,9 @@ def select_winners(state: SteeringState, rows: torch.Tensor, tokens: torch.Tenso
 
     r, k = tokens.shape
     valid = torch.arange(k, device=tokens.device).unsqueeze(0) < num_valid.unsqueeze(1)
-    values = state.values(hidden).view(r, k).masked_fill(~valid, float("nan"))
+    if values is None:
+        values = state.values(hidden).view(r, k)
+    values = values.masked_fill(~valid, float("nan"))
     rt = state.rows
     col, tok, val, _, interv, _, win_hidden = score_and_select(
         values, tokens, torch.zeros((r, k), dtype=torch.float32, device=tokens.device), rows,
