@@ -24,6 +24,7 @@ Model Runner V2 (``vllm/v1/worker/gpu/model_runner.py``) is deselected at start-
 
 from __future__ import annotations
 
+from value_steer.patches.vllm_0_32.activation import max_forward_tokens, num_decoder_layers
 from value_steer.patches.vllm_0_32.api import CONFIG_ENV, RequestArgsValidator, publish_config
 from value_steer.patches.vllm_0_32.contract import CONTRACT, SUPPORTED_RUNNERS, VLLM_VERSIONS, check_contract
 from value_steer.patches.vllm_0_32.runner import client_request_id, request_id_matches
@@ -60,8 +61,10 @@ __all__ = [
     "init_device_with_runner",
     "install_startup_hook",
     "kv_budget_for_scheduler",
+    "max_forward_tokens",
     "max_num_seqs",
     "model_hidden_size",
+    "num_decoder_layers",
     "prepare_engine_args",
     "publish_config",
     "request_id_matches",

@@ -16,6 +16,7 @@ import torch
 
 from value_steer.core.config import (
     MAX_NUM_CANDIDATES,
+    STEERING_KEY,
     RequestArgError,
     SteerConfig,
     parse_additional_config,
@@ -44,8 +45,10 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
     vLLM runs ``validate_params`` for every ``--logits-processors`` class when a request arrives; the
     start-up hook adds this class to the engine's logits processors whenever ``ValueSteerWorker`` is
     configured. The server config is read from ``VALUE_STEER_CONFIG`` (published by the same hook from
-    ``--additional-config``); without it only config-independent checks run. As a logits processor it
-    does nothing (argmax invariant, identity).
+    ``--additional-config``); without it only config-independent checks run. A ``steering`` spec is also
+    checked against the model (hidden size, layer count) and the vector names this process knows
+    (``frontend.steering_parse_kwargs``). As a logits processor it does nothing (argmax invariant,
+    identity).
     """
 
     @classmethod
@@ -53,7 +56,13 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
         cfg = _api_config()
         args = getattr(sampling_params, "extra_args", None)
         known = cfg is not None
-        steer = parse_request_args(args, cfg if known else _TYPE_CHECK_ONLY, default_threshold=0.5)
+        model: dict[str, Any] = {}
+        if known and cfg.steering is not None and isinstance(args, dict) and args.get(STEERING_KEY) is not None:
+            # Imported here: frontend imports this module (the config hand-off); only steering requests pay.
+            from value_steer.patches.vllm_0_32.frontend import steering_parse_kwargs
+
+            model = steering_parse_kwargs()
+        steer = parse_request_args(args, cfg if known else _TYPE_CHECK_ONLY, default_threshold=0.5, **model)
         if known and steer.mode == MODE_VFD:
             reason = vfd_unsupported_reason(sampling_params)
             if reason is not None:

@@ -12,20 +12,49 @@ hook wraps that call to add, before vLLM's own middleware (so ``--api-key`` and 
 - ``GET /metrics`` (an HTTP middleware): before vLLM renders it, the counters are pulled once and exported
   as ``value_steer_*_total`` counter families (``value_steer.runtime.metrics``).
 
+Activation steering (``docs/activation-steering.md``):
+
+- :class:`SteeringBodyMiddleware` (raw ASGI, so the body it rewrites is the body vLLM reads): a top-level
+  ``"steering"`` in a JSON body of the generation routes (:data:`STEERING_ROUTES`; the OpenAI SDK's
+  ``extra_body``) moves into ``vllm_xargs["steering"]`` as a JSON string. vLLM's request models accept
+  unknown fields and ignore them, so without this a steering request would be served unsteered. A spec
+  given both ways, or a top-level value that cannot be a spec, is a 400 naming the field; a body that is not
+  a JSON object is left to vLLM. Before a spec that names vectors this process does not know goes on, the
+  name mirror is refreshed from the worker (another API server process may have registered them).
+- ``POST /v1/steering/vectors`` (``{"name": ..., "data": [H] or [num_layers][H]}``), ``GET
+  /v1/steering/vectors`` (list and slot usage), ``DELETE /v1/steering/vectors/{name}``: the worker's vector
+  registry (RPC ``value_steer_vectors``); its refusals keep their status (400 bad data, 404 unknown name,
+  409 in use or bank full). The frontend's name mirror follows every confirmed change.
+
 The steering state lives in the worker processes; the routes read it through
 ``app.state.engine_client.collective_rpc`` (``AsyncLLM.collective_rpc``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import logging
+import math
+import numbers
 import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 # FastAPI resolves route parameters by annotation: a handler's ``request: Request`` is the HTTP request.
 from fastapi import Request
 
+from value_steer.core.config import STEERING_KEY
+from value_steer.core.steering_spec import NAME_RE, NAME_RULE
+from value_steer.patches.vllm_0_32.frontend import (
+    VECTORS_RPC,
+    first_answer,
+    model_facts,
+    observe_vectors_answer,
+    vector_names,
+)
 from value_steer.runtime.metrics import steering_collector
 from value_steer.runtime.state import MAX_FINISHED_KEPT
 
@@ -33,6 +62,15 @@ logger = logging.getLogger("value_steer")
 
 STATS_PREFIX = "/v1/value_steer/"
 RPC_TIMEOUT_S = 10.0
+VECTORS_PATH = "/v1/steering/vectors"
+# The JSON routes whose request model has ``vllm_xargs`` (the batch chat route passes its extra fields,
+# vllm_xargs included, to each conversation's ChatCompletionRequest).
+STEERING_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch",
+                             "/v1/responses", "/v1/messages"})
+# A name miss refreshes the mirror from the worker at most this often (a client naming unknown vectors
+# must not turn every request into an RPC).
+MIN_REFRESH_S = 0.5
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 409: "ConflictError"}
 
 
 async def _rpc(request: Any, method: str, *args: Any) -> Any:

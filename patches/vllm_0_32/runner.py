@@ -18,6 +18,7 @@ import torch
 
 from value_steer.core.config import RequestArgError, parse_request_args, vfd_unsupported_reason
 from value_steer.core.modes import MODE_ABSTAIN, MODE_VFD
+from value_steer.patches.vllm_0_32.activation import wrap_decoder_layers
 from value_steer.patches.vllm_0_32.api import refused_sampling_params
 
 logger = logging.getLogger("value_steer")
@@ -42,6 +43,7 @@ class SteeringRunnerMixin:
     # Batch rows whose capture a runner mixin writes itself this step (VFD: the winner, not the row).
     _vs_capture_elsewhere: np.ndarray | None = None
     _vs_warned_logprobs_mode = False
+    _vs_act_staged = False  # this step's per-token steering rows are staged, not yet published
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def _vs_sync_requests(self, scheduler_output: Any) -> None:
@@ -92,6 +94,34 @@ class SteeringRunnerMixin:
         st = self._vs_state
         st.update_batch(ib.req_ids[: ib.num_reqs])
         st.flush()
+
+    # ---- activation steering (patches/vllm_0_32/activation.py) ------------------------------------------
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)  # type: ignore[misc]
+        st = self._vs_state
+        if st is not None and st.activation is not None:
+            # Before the first forward: vLLM compiles the model (and captures graphs) on its warm-up runs.
+            wrapped = wrap_decoder_layers(self.get_model(), st.activation)  # type: ignore[attr-defined]
+            logger.info("value_steer: activation steering on %d decoder layers", wrapped)
+
+    def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
+        out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)  # type: ignore[misc]
+        st = self._vs_state
+        self._vs_act_staged = st is not None and st.activation is not None and st.activation.active
+        if self._vs_act_staged:
+            # Spans from the scheduled token counts of the batch as updated (vLLM's own token order), never
+            # from prompt lengths (peers' chunked-prefill bug). VFD appends its candidates' tokens after this.
+            ib = self.input_batch  # type: ignore[attr-defined]
+            n = ib.num_reqs
+            st.activation.stage_tokens(st.slot_act_row[:n], num_scheduled_tokens[:n],
+                                       ib.num_computed_tokens_cpu[:n], ib.num_prompt_tokens[:n])
+        return out
+
+    def _preprocess(self, scheduler_output: Any, num_input_tokens: int, *args: Any, **kwargs: Any) -> Any:
+        if self._vs_act_staged:
+            self._vs_act_staged = False
+            self._vs_state.activation.publish_tokens(num_input_tokens)  # the step's one per-token copy
+        return super()._preprocess(scheduler_output, num_input_tokens, *args, **kwargs)  # type: ignore[misc]
 
     def _update_states(self, scheduler_output: Any) -> Any:
         out = super()._update_states(scheduler_output)  # type: ignore[misc]

@@ -405,6 +405,9 @@ class VFDRunnerMixin:
             ib.num_prompt_tokens[lay.extra_rows] = ib.num_prompt_tokens[parent_batch]
             seq_rows = np.concatenate([i, lay.extra_rows])
             seq_vals = np.concatenate([q, q[lay.extra_parent]]) + 1
+            if self._vs_act_staged:
+                # The appended candidates are their parent's decode tokens: its activation-steering row.
+                self._vs_state.activation.extend_tokens(self._vs_state.slot_act_row[parent_batch])
         self.optimistic_seq_lens_cpu.numpy()[seq_rows] = seq_vals  # type: ignore[attr-defined]
         w_tok, w_row, w_col, w_pos, w_slot, c_src, c_dst, s_rows, s_vals, cand = self._vfd_stage(
             [lay.write_token, lay.write_row, lay.write_col, lay.write_pos, lay.write_slot,
@@ -495,13 +498,19 @@ class VFDRunnerMixin:
 
     # ---- the first-token forward ----------------------------------------------------------------------
     def _vfd_forward(self, input_ids: torch.Tensor, positions: np.ndarray, block_rows: np.ndarray,
-                     slots: np.ndarray) -> torch.Tensor:
+                     slots: np.ndarray, batch_rows: np.ndarray) -> torch.Tensor:
         """One forward over ``E`` one-token attention sequences; returns their final hidden states ``[E, H]``.
 
         Args:
             input_ids: ``[E]`` device token ids; positions / slots: ``[E]`` int64 numpy;
             block_rows: ``[E, max_blocks]`` numpy block-table rows (one staged host->device copy for all).
+            batch_rows: ``[E]`` the batch index of each sequence's request (its activation-steering row).
         """
+        act = self._vs_state.activation
+        if act is not None and act.active:
+            # Candidates are decode tokens of their request: steered as its own decode tokens are.
+            act.stage_decode_tokens(self._vs_state.slot_act_row[batch_rows])
+            act.publish_tokens()
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import BatchDescriptor, set_forward_context
         from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -696,6 +705,7 @@ class VFDRunnerMixin:
         seq_pos: list[int] = []
         seq_rows: list[list[int]] = []
         seq_slots: list[int] = []
+        seq_batch: list[int] = []
         src: list[int] = []
         dst: list[int] = []
         flat = np.zeros((n_first, kmax), dtype=np.int64)
@@ -719,6 +729,7 @@ class VFDRunnerMixin:
                 seq_pos.append(q)
                 seq_rows.append(candidate_block_row(real, q, bs, scratch[k]))
                 seq_slots.append(slot_of(scratch[k], q, bs))
+                seq_batch.append(b)
         if src:
             s_t, d_t = self._vfd_stage([np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)])
             self._vfd_copy_slots(s_t, d_t)
@@ -727,7 +738,7 @@ class VFDRunnerMixin:
             table[j, : len(r)] = r
         ids = torch.tensor(seq_tok, dtype=torch.int64).to(dev, non_blocking=True)
         pos_np, slots_np = np.asarray(seq_pos, dtype=np.int64), np.asarray(seq_slots, dtype=np.int64)
-        hidden = self._vfd_forward(ids, pos_np, table, slots_np)
+        hidden = self._vfd_forward(ids, pos_np, table, slots_np, np.asarray(seq_batch, dtype=np.int64))
         self._vfd_counters["first_token_forwards"] += 1
         flat_t, nvalid_t = self._vfd_stage([flat, nvalid])
         return toks, nvalid_t.clone(), hidden.index_select(0, flat_t), f_lp
@@ -778,7 +789,7 @@ class VFDRunnerMixin:
         row_d, col_d, dest_d = self._vfd_stage([plan.steady_rows[parent], cols, parent * kmax + cols])
         ids = pipes.pending_tokens[row_d, col_d]
         t_start = time.perf_counter()
-        hidden_alt = self._vfd_forward(ids, q, block_rows, scratch * bs + q % bs)
+        hidden_alt = self._vfd_forward(ids, q, block_rows, scratch * bs + q % bs, plan.steady_batch[parent])
         if self._vfd_schedule.timed:
             self._vfd_schedule.observe_forward(int(parent.size), (time.perf_counter() - t_start) * 1e3, second=True)
         self._vfd_schedule.counters["second_forwards"] += 1

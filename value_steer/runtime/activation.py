@@ -31,7 +31,6 @@ import torch
 from value_steer.core.activation import OP_NONE
 from value_steer.core.config import RequestArgError
 from value_steer.core.steering_spec import NAME_RE, NAME_RULE, OP_CODES, InlineVector, SteeringSpec, VectorRef
-from value_steer.runtime.staging import HostDeviceBuffer
 
 
 class VectorBankError(ValueError):
@@ -351,6 +350,7 @@ class _RowRecord:
 
 
 _TOKEN_ALIGN = 64  # keeps the int32 region of the packed token buffer aligned
+_TOKEN_RING = 4  # host buffers of the per-token index (see ActivationTables.__init__)
 
 
 class ActivationTables:
@@ -413,18 +413,31 @@ class ActivationTables:
         self._rows: dict[int, _RowRecord] = {}
         self.layer_use = np.zeros(n_layers, dtype=np.int64)  # live rows editing each layer
         self.gate_use = np.zeros(n_layers, dtype=np.int64)  # live rows gating at each layer
-        # Per-token buffers: token_decode (int8) then token_row (int32) packed in one buffer, so a step
+        # Per-token buffers: token_decode (int8) then token_row (int32) packed in one buffer, so a forward
         # publishes both with one copy of [0, off + 4 T) bytes (the int8 region first: it wastes at most
-        # max_tokens bytes, where the other order would copy 4 max_tokens).
+        # max_tokens bytes, where the other order would copy 4 max_tokens). The host side is a ring: a step
+        # may publish up to three times (the main forward, VFD's first-token and second-phase forwards) and
+        # a host buffer is refilled only a ring later, after the step's device read has ordered its copy
+        # (the PackedStaging argument).
         off = -(-max_tokens // _TOKEN_ALIGN) * _TOKEN_ALIGN
         self._row_off = off
-        self._tokens = HostDeviceBuffer(off + 4 * max_tokens, torch.uint8, self.device)
-        self._host_decode = self._tokens.np[:max_tokens].view(np.int8)
-        self._host_row = self._tokens.np[off:].view(np.int32)
-        self.token_decode = self._tokens.device[:max_tokens].view(torch.int8)
-        self.token_row = self._tokens.device[off:].view(torch.int32)
+        nbytes = off + 4 * max_tokens
+        self._token_hosts = [_pinned(torch.zeros(nbytes, dtype=torch.uint8), self.device)
+                             for _ in range(_TOKEN_RING)]
+        self._token_ring = 0
+        self._token_dev = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+        self.token_decode = self._token_dev[:max_tokens].view(torch.int8)
+        self.token_row = self._token_dev[off:].view(torch.int32)
         self.gate = torch.ones(max_tokens, dtype=torch.float32, device=self.device)
         self._arange = np.arange(max_tokens, dtype=np.int64)
+        self._staged = 0  # tokens staged in the current host buffer
+        self._select_host(0)
+
+    def _select_host(self, i: int) -> None:
+        self._token_ring = i
+        host = self._token_hosts[i].numpy()
+        self._host_decode = host[: self.max_tokens].view(np.int8)
+        self._host_row = host[self._row_off :].view(np.int32)
 
     # ---- views the ops read ---------------------------------------------------------------------------------
     def op_tables(self, layer: int) -> tuple[torch.Tensor, ...]:
@@ -560,38 +573,77 @@ class ActivationTables:
         return 1
 
     # ---- per step ------------------------------------------------------------------------------------------
-    def fill_tokens(self, rows: np.ndarray, num_scheduled: np.ndarray, num_computed: np.ndarray,
-                    num_prompt: np.ndarray, pad_to: int | None = None) -> int:
-        """Fill ``token_row`` / ``token_decode`` for one step and publish them with ONE non-blocking copy.
+    def stage_tokens(self, rows: np.ndarray, num_scheduled: np.ndarray, num_computed: np.ndarray,
+                     num_prompt: np.ndarray) -> int:
+        """Stage ``token_row`` / ``token_decode`` of one forward's scheduled tokens in the next host buffer.
 
-        The step's tokens are the requests' scheduled tokens back to back, in batch order (the order after
+        The forward's tokens are the requests' scheduled tokens back to back, in batch order (the order after
         the runner's batch update). A token is a decode token when its position is at or after the
         request's prompt length (so a prefill chunk is prompt, a decode token is decode, and a resumed
-        request's recomputed output counts as decode, as it did when first generated).
+        request's recomputed output counts as decode, as it did when first generated). Nothing is copied:
+        :meth:`extend_tokens` may append, :meth:`publish_tokens` copies.
 
         Args:
             rows: ``[n]`` int steering row per request (0: no steering).
             num_scheduled: ``[n]`` int tokens scheduled this step per request.
             num_computed: ``[n]`` int tokens of the request already computed (the first scheduled position).
             num_prompt: ``[n]`` int prompt length.
-            pad_to: fill ``[T, pad_to)`` with row 0 too (a CUDA-graph padded batch); default ``T``.
         Returns:
-            ``T``, the number of tokens filled (the ops read ``[:T]``).
+            ``T``, the number of tokens staged.
         """
         ns = np.asarray(num_scheduled, dtype=np.int64)
         t = int(ns.sum())
-        tp = t if pad_to is None else int(pad_to)
-        if not t <= tp <= self.max_tokens:
-            raise ValueError(f"{t} scheduled tokens (padded to {tp}) exceed the token buffers ({self.max_tokens})")
-        if tp == 0:
-            return 0
+        if t > self.max_tokens:
+            raise ValueError(f"{t} scheduled tokens exceed the token buffers ({self.max_tokens})")
+        self._select_host((self._token_ring + 1) % _TOKEN_RING)
         self._host_row[:t] = np.repeat(np.asarray(rows, dtype=np.int32), ns)
         starts = np.cumsum(ns) - ns
         # Index (in the step) of each request's first decode token: its first position >= num_prompt.
         first_decode = starts + np.clip(np.asarray(num_prompt, dtype=np.int64) - np.asarray(num_computed), 0, ns)
         self._host_decode[:t] = self._arange[:t] >= np.repeat(first_decode, ns)
-        self._host_row[t:tp] = 0
-        self._host_decode[t:tp] = 0
-        self._tokens.copy_to_device(self._row_off + 4 * tp)
+        self._staged = t
         return t
 
+    def stage_decode_tokens(self, rows: np.ndarray) -> int:
+        """Stage a forward made only of decode tokens (VFD's candidate forwards): ``rows [E]`` per token."""
+        self._select_host((self._token_ring + 1) % _TOKEN_RING)
+        self._staged = 0
+        return self.extend_tokens(rows)
+
+    def extend_tokens(self, rows: np.ndarray) -> int:
+        """Append decode tokens (VFD's candidate sequences after the scheduled tokens) to the staged forward:
+        ``rows [E]`` the steering row of each. Returns the staged token count."""
+        e = int(np.asarray(rows).shape[0])
+        t = self._staged
+        if t + e > self.max_tokens:
+            raise ValueError(f"{t + e} tokens exceed the token buffers ({self.max_tokens})")
+        self._host_row[t : t + e] = rows
+        self._host_decode[t : t + e] = 1
+        self._staged = t + e
+        return self._staged
+
+    def publish_tokens(self, pad_to: int | None = None) -> int:
+        """Copy the staged forward's per-token buffers to the device (ONE non-blocking copy).
+
+        Args:
+            pad_to: the forward's padded token count (a CUDA-graph padded batch): ``[T, pad_to)`` get row 0.
+        Returns:
+            ``T``, the number of tokens staged (the ops read ``[:hidden.shape[0]]``).
+        """
+        t = self._staged
+        tp = t if pad_to is None else max(int(pad_to), t)
+        if tp > self.max_tokens:
+            raise ValueError(f"{tp} tokens (padded) exceed the token buffers ({self.max_tokens})")
+        if tp == 0:
+            return 0
+        self._host_row[t:tp] = 0
+        self._host_decode[t:tp] = 0
+        n = self._row_off + 4 * tp
+        self._token_dev[:n].copy_(self._token_hosts[self._token_ring][:n], non_blocking=True)
+        return t
+
+    def fill_tokens(self, rows: np.ndarray, num_scheduled: np.ndarray, num_computed: np.ndarray,
+                    num_prompt: np.ndarray, pad_to: int | None = None) -> int:
+        """:meth:`stage_tokens` then :meth:`publish_tokens` (a forward with no appended tokens)."""
+        self.stage_tokens(rows, num_scheduled, num_computed, num_prompt)
+        return self.publish_tokens(pad_to)

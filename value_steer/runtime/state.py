@@ -29,6 +29,8 @@ from value_steer.core.checkpoint import HeadCheckpoint, load_value_head
 from value_steer.core.config import RequestSteer, SteerConfig, parse_request_args
 from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF
 from value_steer.core.row_table import RowTable
+from value_steer.core.steering_spec import RequestArgError, fingerprint
+from value_steer.runtime.activation import ActivationTables, VectorBank
 from value_steer.runtime.staging import HostDeviceBuffer
 from value_steer.runtime.stats import DeviceStats, RequestInfo, SteeringCounters
 
@@ -48,6 +50,7 @@ class RequestState:
     min_tokens: int
     info: RequestInfo
     wants_logprobs: bool = False
+    act_row: int = 0  # activation-steering row (0: none), independent of ``row``
 
 
 class SteeringState:
@@ -59,10 +62,13 @@ class SteeringState:
         max_num_seqs: concurrent requests the scheduler may run (rows = max_num_seqs + 1; row 0 off).
         device: where the head and the tables live.
         max_batch_slots: the runner's batch capacity (``max_num_reqs``; default ``max_num_seqs``).
+        num_layers: the model's decoder layers (activation steering; required with a ``steering`` section).
+        max_tokens: tokens one forward may carry (the per-token buffers' length; required with ``steering``).
     """
 
     def __init__(self, config: SteerConfig, hidden_size: int, max_num_seqs: int, device: torch.device,
-                 max_batch_slots: int | None = None) -> None:
+                 max_batch_slots: int | None = None, num_layers: int | None = None,
+                 max_tokens: int | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
         self.hidden_size = hidden_size
@@ -100,15 +106,59 @@ class SteeringState:
         self.any_capture = False
         # The per-step row index (host mirror + device buffer).
         self.step_rows = HostDeviceBuffer(slots, torch.int32, self.device)
+        # Activation steering (docs/activation-steering.md): its own rows, so a request may have it with or
+        # without value steering.
+        self.activation: ActivationTables | None = None
+        self.slot_act_row = np.zeros(slots, dtype=np.int32)
+        self._free_act_rows = list(range(max_num_seqs, 0, -1))
+        self.num_layers = num_layers
+        if config.steering is not None:
+            if num_layers is None or max_tokens is None:
+                raise ValueError("activation steering needs the model's num_layers and the forward's max_tokens")
+            bank = VectorBank(config.steering.max_vectors, hidden_size, num_layers, self.device)
+            if config.steering.vectors is not None:
+                loaded = bank.load_dir(config.steering.vectors)
+                logger.info("value_steer: loaded %d steering vector(s) from %s: %s", len(loaded),
+                            config.steering.vectors, ", ".join(v.name for v in loaded) or "-")
+            self.activation = ActivationTables(bank, num_rows, config.steering.max_ops_per_request, max_tokens,
+                                               self.device)
 
     # ---- request lifecycle -------------------------------------------------------------------------
     def add_request(self, req_id: str, extra_args: dict[str, Any] | None, eos_token_id: int | None,
-                    ignore_eos: bool, min_tokens: int = 0, wants_logprobs: bool = False) -> RequestState:
-        """Register a request seen for the first time (idempotent). Raises ``RequestArgError`` on bad args."""
+                    ignore_eos: bool, min_tokens: int = 0, wants_logprobs: bool = False,
+                    expected_fingerprint: str | None = None) -> RequestState:
+        """Register a request seen for the first time (idempotent). Raises ``RequestArgError`` on bad args.
+
+        ``expected_fingerprint``: the steering fingerprint the frontend salted the prefix cache with; when
+        given, the spec's fingerprint over this bank's vectors must equal it (a vector re-registered between
+        admission and scheduling would otherwise run under another vector's cache salt).
+        """
         state = self.requests.get(req_id)
         if state is not None:
             return state
-        steer = parse_request_args(extra_args, self.config, self.default_threshold)
+        act = self.activation
+        steer = parse_request_args(extra_args, self.config, self.default_threshold, hidden_size=self.hidden_size,
+                                   num_layers=self.num_layers,
+                                   resolve=act.bank.resolve if act is not None else None)
+        act_row = 0
+        if steer.steering is not None:
+            assert act is not None  # parse_request_args refuses a spec without a steering section
+            if expected_fingerprint is not None:
+                try:
+                    got = fingerprint(steer.steering, act.bank.vector_hash)
+                except ValueError as exc:
+                    raise RequestArgError(f"steering: {exc}") from None
+                if got != expected_fingerprint:
+                    raise RequestArgError("steering: a named vector changed between admission and scheduling (its "
+                                          "prefix-cache salt no longer matches); send the request again")
+            if not self._free_act_rows:
+                raise RuntimeError("value_steer: activation row table exhausted (more live requests than max_num_seqs)")
+            act_row = self._free_act_rows.pop()
+            try:
+                act.add_request(act_row, steer.steering)
+            except BaseException:
+                self._free_act_rows.append(act_row)
+                raise
         if steer.mode == MODE_ABSTAIN and (ignore_eos or eos_token_id is None):
             # The client asked never to stop on EOS: abstention has nothing it may force.
             steer = RequestSteer(MODE_OFF, steer.threshold, steer.sign, 1, steer.capture)
@@ -124,7 +174,10 @@ class SteeringState:
             name = MODE_NAMES[steer.mode]
             self.counters.by_mode[name] = self.counters.by_mode.get(name, 0) + 1
         info = RequestInfo(mode=MODE_NAMES[steer.mode], threshold=steer.threshold, num_candidates=steer.num_candidates)
-        state = RequestState(req_id, steer, row, eos_token_id, int(min_tokens or 0), info, wants_logprobs)
+        if act_row:
+            info.activation_ops = len(steer.steering.ops)  # type: ignore[union-attr]
+            info.activation_gated = steer.steering.gate is not None  # type: ignore[union-attr]
+        state = RequestState(req_id, steer, row, eos_token_id, int(min_tokens or 0), info, wants_logprobs, act_row)
         self.requests[req_id] = state
         return state
 
@@ -147,6 +200,10 @@ class SteeringState:
             self._free_rows.append(state.row)
         else:
             snap = self.stats.empty_row
+        if state.act_row:
+            assert self.activation is not None
+            self.activation.remove_request(state.act_row)
+            self._free_act_rows.append(state.act_row)
         with self._lock:
             self.finished[req_id] = (snap, state.info)
             while len(self.finished) > MAX_FINISHED_KEPT:
@@ -156,6 +213,8 @@ class SteeringState:
         """Publish this step's staged lifecycle writes (no-op on a steady step)."""
         self.rows.flush()
         self.stats.flush()
+        if self.activation is not None:
+            self.activation.flush()
 
     def _live_stats(self, state: RequestState) -> tuple[torch.Tensor, RequestInfo]:
         return (self.stats.table[state.row] if state.row else self.stats.empty_row, state.info)
@@ -199,6 +258,7 @@ class SteeringState:
         self.slot_capture[:n] = [bool(s is not None and s.steer.capture) for s in states]
         self.slot_eos.np[:n] = [(s.eos_token_id or 0) if s is not None and s.row else 0 for s in states]
         self.slot_logprobs[:n] = [bool(s is not None and s.wants_logprobs) for s in states]
+        self.slot_act_row[:n] = [s.act_row if s is not None else 0 for s in states]
         self.slot_eos.copy_to_device(n)
         self.any_capture = bool(self.slot_capture[:n].any())
         return True

@@ -28,6 +28,8 @@ class RequestInfo:
     threshold: float
     num_candidates: int
     error: str | None = None
+    activation_ops: int = 0  # activation-steering ops of the request's spec (0: none)
+    activation_gated: bool = False
 
 
 @dataclass
@@ -103,6 +105,8 @@ class DeviceStats:
             "last_value": last if seen else None,
             "max_value": mx if seen else None,
             "error": info.error,
+            "activation_steering": ({"ops": info.activation_ops, "gated": info.activation_gated}
+                                    if info.activation_ops else None),
         }
 
     def totals_dict(self) -> dict[str, int]:

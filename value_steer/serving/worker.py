@@ -54,6 +54,8 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             max_num_seqs=_adapter.max_num_seqs(self.vllm_config),
             device=device,
             max_batch_slots=_adapter.batch_capacity(runner),
+            num_layers=_adapter.num_decoder_layers(self.vllm_config),
+            max_tokens=_adapter.max_forward_tokens(runner),
         )
         runner._vs_state = state
         if cfg.capture is not None:

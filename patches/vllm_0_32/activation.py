@@ -1,0 +1,101 @@
+"""Activation steering inside vLLM 0.32's model: the decoder layers wrapped by the steering ops.
+
+After the runner loads the model, and before anything runs it (vLLM compiles it, captures CUDA graphs and
+warms it up on the first forwards), :func:`wrap_decoder_layers` replaces every decoder layer of the model's
+layer list by a :class:`SteeredDecoderLayer`: the original layer, then ``steer_gate`` and
+``steer_activations`` over the layer's output (``docs/activation-steering.md``). The ops read persistent
+buffers only (the vector bank, the op and gate tables, the per-token row index), registered as the
+wrapper's non-persistent buffers, so ``torch.compile`` (vLLM's ``@support_torch_compile`` on the model)
+traces them into the graph as static inputs and a CUDA graph replays them with whatever the tables hold.
+
+Every layer is wrapped (a request may steer at any layer); a step in which no token is steered costs one
+pass-through copy of the layer output and a gate scan per layer.
+
+Layer outputs: vLLM's decoder layers return ``(hidden_states, residual)`` (the residual stream is their
+sum; ``residual`` is None never after the first layer in vLLM 0.32's Llama-family models, but a ``None`` is
+handled as "no fused residual") or a single tensor (the stream itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from value_steer.kernels import steer_activations, steer_gate
+from value_steer.runtime.activation import ActivationTables
+
+
+class SteeredDecoderLayer(nn.Module):
+    """A decoder layer followed by the activation-steering ops of its index.
+
+    Args:
+        layer: the original decoder layer (kept as the submodule ``layer``).
+        index: its position in the model's layer list (the ``layer`` of the request spec).
+        tables: the runner's :class:`ActivationTables` (their device tensors become this module's buffers).
+    """
+
+    def __init__(self, layer: nn.Module, index: int, tables: ActivationTables) -> None:
+        super().__init__()
+        self.layer = layer
+        self.index = index
+        bufs = {
+            "token_row": tables.token_row,
+            "token_decode": tables.token_decode,
+            "gate": tables.gate,
+            "bank": tables.bank.table,
+        }
+        for name, t in zip(ActivationTables.OP_COLUMNS, tables.op_tables(index)):
+            bufs[name] = t
+        for name, t in zip(("gate_slot", "gate_threshold", "gate_sharpness"), tables.gate_tables(index)):
+            bufs[name] = t
+        for name, t in bufs.items():
+            # Views of the tables: in-place updates of the tables are what the ops read.
+            self.register_buffer(f"vs_{name}", t, persistent=False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.layer(*args, **kwargs)
+        pair = isinstance(out, tuple)
+        hidden = out[0] if pair else out
+        residual = out[1] if pair and len(out) > 1 and out[1] is not None else hidden.new_empty(0)
+        steer_gate(hidden, residual, self.vs_token_row, self.vs_bank, self.vs_gate_slot, self.vs_gate_threshold,
+                   self.vs_gate_sharpness, self.vs_gate)
+        steered = steer_activations(hidden, residual, self.vs_token_row, self.vs_token_decode, self.vs_gate,
+                                    self.vs_bank, self.vs_op_kind, self.vs_op_slot, self.vs_op_a, self.vs_op_b,
+                                    self.vs_op_flags)
+        return (steered, *out[1:]) if pair else steered
+
+
+def decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The model's decoder layer list: the ``nn.ModuleList`` named ``layers`` (or ``h`` / ``blocks``) with
+    ``num_layers`` entries (``model.model.layers`` in vLLM's Llama-family models)."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == num_layers
+             and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks")]
+    if len(found) != 1:
+        names = [n for n, _ in found] or "none"
+        raise RuntimeError(f"value_steer: activation steering needs exactly one decoder layer list of {num_layers} "
+                           f"layers in {type(model).__name__}; found {names}")
+    return found[0][1]
+
+
+def wrap_decoder_layers(model: nn.Module, tables: ActivationTables) -> int:
+    """Wrap every decoder layer of ``model`` (idempotent); returns the number of layers wrapped."""
+    layers = decoder_layers(model, tables.num_layers)
+    wrapped = 0
+    for i, layer in enumerate(layers):
+        if isinstance(layer, SteeredDecoderLayer):
+            continue
+        layers[i] = SteeredDecoderLayer(layer, i, tables)
+        wrapped += 1
+    return wrapped
+
+
+def num_decoder_layers(vllm_config: Any) -> int:
+    """The model's decoder layers (the index range of a spec's ``layer``)."""
+    return int(vllm_config.model_config.get_num_layers(vllm_config.parallel_config))
+
+
+def max_forward_tokens(runner: Any) -> int:
+    """Tokens one forward of the runner may carry (VFD's runner config includes the candidates' rows)."""
+    return int(runner.max_num_tokens)

@@ -1,0 +1,388 @@
+"""The frontend (API server / ``LLM``) process side of activation steering for vLLM 0.32: vector names, the
+prefix-cache salt and the fingerprint the worker checks.
+
+- :class:`FrontendVectorNames` (one per process, :func:`vector_names`): the name -> content-hash mirror of
+  the worker's vector bank. It starts from the server's ``steering.vectors`` directory, hashed with the bank's
+  own rules (a CPU :class:`~value_steer.runtime.activation.VectorBank` loads it), lazily on the first request
+  that names a vector; it follows the registry (``value_steer_vectors`` RPC answers seen by
+  :func:`observe_vectors_answer`) and can be replaced by the worker's own table (action ``"hashes"``).
+- :func:`salt_request`: after vLLM's ``InputProcessor.process_inputs`` (which runs the request validator,
+  so a bad spec is already an HTTP 400), a request carrying a ``steering`` spec gets
+  ``cache_salt = "value_steer:<fingerprint>[:<client salt>]"`` and ``extra_args[FINGERPRINT_KEY] =
+  <fingerprint>``. Every steered request is salted, whatever tokens it edits: vLLM also caches the full
+  blocks of generated tokens, so a decode-only spec changes cached KV too (docs/activation-steering.md).
+  The client's own salt is kept inside ours, so it still isolates tenants; a client salt that starts with
+  ``value_steer:`` is refused (it could name a steered request's blocks from an unsteered request).
+- :func:`install_frontend_hooks` (called by the start-up hook, once per process): wraps
+  ``InputProcessor.process_inputs`` with :func:`salt_request` for engines that run value_steer's worker, and
+  ``LLMEngine.collective_rpc`` / ``AsyncLLM.collective_rpc`` with :func:`observe_vectors_answer`, so the
+  mirror follows registrations made offline (``llm.collective_rpc("value_steer_vectors", ...)``) as well as
+  over HTTP.
+- :func:`remember_model`: the model facts (hidden size, decoder layers) the mirror and the validator check
+  specs against, taken from the engine config the start-up hook builds.
+
+Where errors go: ``process_inputs`` raises ``RequestArgError`` (a ``ValueError``); vLLM's OpenAI server maps
+a ``ValueError`` escaping a handler to HTTP 400 (``serve/exception_handling``: the ``ValueError`` fallback
+handler, ``create_error_response``), offline ``LLM.generate`` raises it to the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from value_steer.core.config import STEERING_KEY, RequestArgError, parse_request_args
+from value_steer.core.steering_spec import InlineVector, SteeringSpec, VectorRef, fingerprint
+from value_steer.patches.vllm_0_32.api import _TYPE_CHECK_ONLY, _api_config
+
+logger = logging.getLogger("value_steer")
+
+# The worker reads the spec's fingerprint from here, recomputes it with its own bank and refuses the request
+# on a mismatch (a vector re-registered between admission and scheduling). Set only by salt_request; a
+# client that sends it is refused.
+FINGERPRINT_KEY = "_value_steer_fingerprint"
+# Every steered request's cache salt starts with this; client salts may not.
+SALT_PREFIX = "value_steer:"
+VECTORS_RPC = "value_steer_vectors"
+
+
+# ---- model facts ----------------------------------------------------------------------------------------------
+
+_MODEL: tuple[int, int] | None = None  # (hidden size, decoder layers)
+
+
+def remember_model(vllm_config: Any) -> None:
+    """Keep the model's hidden size and decoder-layer count for the validator and the vector mirror.
+
+    Called by the start-up hook with the engine config it built (the API process and ``LLM`` never see the
+    worker's model otherwise). The layer count is the one the worker's bank and layer wrapping use
+    (``ModelConfig.get_num_layers(parallel_config)``; pipeline parallelism is refused at start-up, so it is
+    the whole model).
+    """
+    global _MODEL
+    model_config = vllm_config.model_config
+    _MODEL = (int(model_config.get_hidden_size()), int(model_config.get_num_layers(vllm_config.parallel_config)))
+
+
+def _set_model_facts(hidden_size: int, num_layers: int) -> None:
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = (int(hidden_size), int(num_layers))
+
+
+def model_facts() -> tuple[int | None, int | None]:
+    """``(hidden size, decoder layers)``, or ``(None, None)`` before :func:`remember_model` ran."""
+    return _MODEL if _MODEL is not None else (None, None)
+
+
+# ---- the name -> content-hash mirror --------------------------------------------------------------------------
+
+
+def hash_vector_dir(path: str, hidden_size: int, num_layers: int, max_vectors: int) -> dict[str, str]:
+    """``{name: content hash}`` of a ``steering.vectors`` directory, exactly as the worker's bank loads it.
+
+    A CPU :class:`VectorBank` runs ``load_dir`` (same file rules, same validation, same hashes), sized to
+    what the files can need (one slot per row) but never more than the worker's ``max_vectors``, so a
+    directory the worker could not hold fails here too. The bank is dropped afterwards.
+    """
+    from value_steer.runtime.activation import VectorBank
+
+    files = sum(1 for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files == 0:
+        return {}
+    bank = VectorBank(max(1, min(max_vectors, files * num_layers)), hidden_size, num_layers, "cpu")
+    return {info.name: info.content_hash for info in bank.load_dir(path)}
+
+
+def _load_configured_vectors() -> dict[str, str]:
+    """The mirror's start: the server config's ``steering.vectors`` directory (empty without one)."""
+    cfg = _api_config()
+    if cfg is None or cfg.steering is None or not cfg.steering.vectors:
+        return {}
+    hidden_size, num_layers = model_facts()
+    if hidden_size is None or num_layers is None:
+        raise RuntimeError(
+            "value_steer: the vector names of steering.vectors cannot be resolved in this process: the model's "
+            "hidden size and layer count are unknown (the start-up hook did not call remember_model)"
+        )
+    return hash_vector_dir(cfg.steering.vectors, hidden_size, num_layers, cfg.steering.max_vectors)
+
+
+class FrontendVectorNames:
+    """Thread-safe mirror of the worker bank's names: ``name -> content hash``.
+
+    Loaded lazily by ``loader`` (the configured directory) on the first lookup; :meth:`update` /
+    :meth:`remove` made before that are kept and applied on top of the load, so a registration seen early
+    is never undone by the directory. :meth:`replace` installs the worker's own table (authoritative).
+    ``process_inputs`` may run on the renderer's thread pool, hence the lock.
+
+    Args:
+        loader: returns the starting ``{name: content hash}`` (default: the configured directory).
+    """
+
+    def __init__(self, loader: Callable[[], Mapping[str, str]] = _load_configured_vectors) -> None:
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._hashes: dict[str, str] | None = None
+        self._pending: dict[str, str | None] = {}  # updates before the load (None: removed)
+        self.refreshed_at = 0.0  # time.monotonic() of the last replace() (0: never)
+
+    @property
+    def loaded(self) -> bool:
+        return self._hashes is not None
+
+    def _table(self) -> dict[str, str]:
+        # Caller holds the lock. A failed load raises and is retried by the next lookup.
+        if self._hashes is None:
+            table = dict(self._loader())
+            for name, h in self._pending.items():
+                if h is None:
+                    table.pop(name, None)
+                else:
+                    table[name] = h
+            self._pending.clear()
+            self._hashes = table
+        return self._hashes
+
+    def content_hash(self, name: str) -> str | None:
+        """The content hash ``name`` stands for, or None when no vector of that name is known."""
+        with self._lock:
+            return self._table().get(name)
+
+    def resolve(self, name: str) -> bool:
+        """Whether ``name`` is known (the ``resolve`` callable of ``parse_steering_spec``)."""
+        return self.content_hash(name) is not None
+
+    def known(self, names: Iterable[str]) -> bool:
+        """Whether every name is known, without loading (False when not loaded yet)."""
+        with self._lock:
+            return self._hashes is not None and all(n in self._hashes for n in names)
+
+    def update(self, name: str, content_hash: str) -> None:
+        """``name`` now stands for ``content_hash`` (the worker confirmed a registration)."""
+        with self._lock:
+            if self._hashes is None:
+                self._pending[name] = content_hash
+            else:
+                self._hashes[name] = content_hash
+
+    def remove(self, name: str) -> None:
+        """``name`` is gone (the worker confirmed a deletion, or does not know it)."""
+        with self._lock:
+            if self._hashes is None:
+                self._pending[name] = None
+            else:
+                self._hashes.pop(name, None)
+
+    def replace(self, hashes: Mapping[str, str]) -> None:
+        """Install the worker's whole table (its ``"hashes"`` or ``"list"`` answer)."""
+        with self._lock:
+            self._hashes = dict(hashes)
+            self._pending.clear()
+            self.refreshed_at = time.monotonic()
+
+    def snapshot(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._table())
+
+
+_NAMES = FrontendVectorNames()
+
+
+def vector_names() -> FrontendVectorNames:
+    """This process's mirror."""
+    return _NAMES
+
+
+def steering_parse_kwargs() -> dict[str, Any]:
+    """What the request validator passes to ``parse_request_args`` for a steering spec: the model facts
+    (None where unknown) and the mirror's ``resolve``, so an unknown vector, a wrong length or a layer out
+    of range is an HTTP 400 at admission."""
+    hidden_size, num_layers = model_facts()
+    return {"hidden_size": hidden_size, "num_layers": num_layers, "resolve": _NAMES.resolve}
+
+
+# ---- fingerprint and salt -------------------------------------------------------------------------------------
+
+
+def spec_fingerprint(spec: SteeringSpec, names: FrontendVectorNames) -> str:
+    """The spec's fingerprint, every name resolved ONCE through ``names`` (a name re-registered meanwhile
+    cannot give one request two hashes). Raises ``RequestArgError`` naming the field of an unknown name."""
+    hashes: dict[str, str] = {}
+    for field, ref, _layer in spec.vector_refs():
+        if isinstance(ref, str) and ref not in hashes:
+            h = names.content_hash(ref)
+            if h is None:
+                raise RequestArgError(
+                    f"{field}: unknown vector {ref!r} (no vector of that name is registered on this server; "
+                    "register it, or send the vector inline)"
+                )
+            hashes[ref] = h
+
+    def vector_hash(ref: VectorRef) -> str:
+        return ref.content_hash if isinstance(ref, InlineVector) else hashes[ref]
+
+    return fingerprint(spec, vector_hash)
+
+
+def steered_cache_salt(fingerprint_hex: str, client_salt: str | None) -> str:
+    """The cache salt of a steered request: our prefix, the fingerprint (fixed length, so the string is
+    unambiguous), then the client's salt when it sent one (tenants stay isolated)."""
+    salt = SALT_PREFIX + fingerprint_hex
+    return f"{salt}:{client_salt}" if client_salt else salt
+
+
+def salt_request(request: Any, names: FrontendVectorNames | None = None) -> None:
+    """Salt an ``EngineCoreRequest`` that carries a steering spec and stamp its fingerprint (in place).
+
+    ``request.sampling_params`` is ``process_inputs``' own clone of the caller's parameters; its
+    ``extra_args`` is replaced by a new dict rather than written into, because a shallow clone
+    (``skip_clone``) shares the caller's dict. Requests without a spec are left as they are (beyond the
+    two reserved-value checks). Raises ``RequestArgError`` (HTTP 400) naming the field.
+    """
+    sp = request.sampling_params
+    if sp is None:  # a pooling request
+        return
+    args = sp.extra_args or {}
+    client_salt = request.cache_salt
+    if client_salt and client_salt.startswith(SALT_PREFIX):
+        raise RequestArgError(
+            f"cache_salt: values starting with {SALT_PREFIX!r} are reserved for steered requests; choose another salt"
+        )
+    if not isinstance(args, dict):
+        return  # the validator already refused it
+    if FINGERPRINT_KEY in args:
+        raise RequestArgError(f"{FINGERPRINT_KEY} is set by the server; remove it from vllm_xargs / extra_args")
+    if args.get(STEERING_KEY) is None:
+        return
+    hidden_size, num_layers = model_facts()
+    # Names are resolved once, in spec_fingerprint (the validator checked them at admission already).
+    steer = parse_request_args(args, _api_config() or _TYPE_CHECK_ONLY, default_threshold=0.5,
+                               hidden_size=hidden_size, num_layers=num_layers)
+    if steer.steering is None:  # not reached: a non-None spec parses or raises
+        return
+    fp = spec_fingerprint(steer.steering, names if names is not None else _NAMES)
+    sp.extra_args = {**args, FINGERPRINT_KEY: fp}
+    request.cache_salt = steered_cache_salt(fp, client_salt)
+
+
+# ---- the registry's answers -----------------------------------------------------------------------------------
+
+
+def _call_action(args: tuple, kwargs: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    kwargs = kwargs or {}
+    action = args[0] if args else kwargs.get("action")
+    name = args[1] if len(args) > 1 else kwargs.get("name")
+    return (action if isinstance(action, str) else None), (name if isinstance(name, str) else None)
+
+
+def first_answer(results: Any) -> Any:
+    """One answer for all workers: the first error if any worker refused (tensor-parallel workers hold the
+    same bank, so they should agree), else the first answer."""
+    if not isinstance(results, list):
+        return results
+    for r in results:
+        if isinstance(r, dict) and "error" in r:
+            return r
+    return results[0] if results else None
+
+
+def observe_vectors_answer(action: str | None, name: str | None, answer: Any,
+                           names: FrontendVectorNames | None = None) -> None:
+    """Bring the mirror in line with a ``value_steer_vectors`` answer (idempotent; errors change nothing,
+    except a 404 on delete: the worker does not know the name either)."""
+    names = names if names is not None else _NAMES
+    if not isinstance(answer, dict):
+        return
+    if "error" in answer:
+        if action == "delete" and answer.get("status") == 404 and name:
+            names.remove(name)
+        return
+    if action == "register" and isinstance(answer.get("vector"), dict):
+        v = answer["vector"]
+        names.update(v["name"], v["hash"])
+    elif action == "delete" and isinstance(answer.get("deleted"), str):
+        names.remove(answer["deleted"])
+    elif action == "list" and isinstance(answer.get("vectors"), list):
+        names.replace({v["name"]: v["hash"] for v in answer["vectors"]})
+    elif action == "hashes" and isinstance(answer.get("hashes"), dict):
+        if answer.get("hidden_size") and answer.get("num_layers"):
+            _set_model_facts(answer["hidden_size"], answer["num_layers"])
+        names.replace(answer["hashes"])
+
+
+def _observe_rpc(method: Any, args: tuple, kwargs: Mapping[str, Any] | None, results: Any) -> None:
+    if method != VECTORS_RPC:
+        return
+    try:
+        action, name = _call_action(tuple(args or ()), kwargs)
+        observe_vectors_answer(action, name, first_answer(results))
+    except Exception:  # the caller's RPC succeeded; a malformed answer must not turn it into an error
+        logger.exception("value_steer: could not follow a %s answer", VECTORS_RPC)
+
+
+# ---- installation ---------------------------------------------------------------------------------------------
+
+
+def _steers(processor: Any) -> bool:
+    # Only engines that run value_steer's worker: another engine in the process may use "steering" in its
+    # extra_args for something else.
+    from value_steer.patches.vllm_0_32.worker import has_request_validator
+
+    return has_request_validator(processor.vllm_config)
+
+
+def install_frontend_hooks() -> None:
+    """Wrap ``InputProcessor.process_inputs`` (cache salt, fingerprint) and ``LLMEngine.collective_rpc`` /
+    ``AsyncLLM.collective_rpc`` (the vector mirror follows registrations), once per process.
+
+    Must run before the engine's ``InputProcessor`` is built: its ``process_inputs_async`` is bound to
+    ``self.process_inputs`` in ``__init__`` (the start-up hook runs before vLLM builds the engine).
+    """
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    original = InputProcessor.process_inputs
+    if not getattr(original, "_value_steer_salt", False):
+
+        @functools.wraps(original)
+        def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+            request = original(self, *args, **kwargs)  # validates: a bad spec is a RequestArgError already
+            if _steers(self):
+                salt_request(request)
+            return request
+
+        process_inputs._value_steer_salt = True  # type: ignore[attr-defined]
+        InputProcessor.process_inputs = process_inputs  # type: ignore[method-assign]
+
+    sync_rpc = LLMEngine.collective_rpc
+    if not getattr(sync_rpc, "_value_steer_names", False):
+
+        @functools.wraps(sync_rpc)
+        def collective_rpc(self: Any, method: Any, timeout: float | None = None, args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+            results = sync_rpc(self, method, timeout, args, kwargs)
+            _observe_rpc(method, args, kwargs, results)
+            return results
+
+        collective_rpc._value_steer_names = True  # type: ignore[attr-defined]
+        LLMEngine.collective_rpc = collective_rpc  # type: ignore[method-assign]
+
+    async_rpc = AsyncLLM.collective_rpc
+    if not getattr(async_rpc, "_value_steer_names", False):
+
+        @functools.wraps(async_rpc)
+        async def collective_rpc_async(self: Any, method: str, timeout: float | None = None, args: tuple = (),
+                                       kwargs: dict | None = None) -> Any:
+            results = await async_rpc(self, method, timeout, args, kwargs)
+            _observe_rpc(method, args, kwargs, results)
+            return results
+
+        collective_rpc_async._value_steer_names = True  # type: ignore[attr-defined]
+        AsyncLLM.collective_rpc = collective_rpc_async  # type: ignore[method-assign]
