@@ -13,11 +13,14 @@ dispatch and the ``torch.library`` registration (with its fake) live together:
   the per-row op tables, prompt/decode filters, gated ops, fused residual), one launch over all tokens;
   untouched tokens are bitwise copies. ``steer_gate``: the per-token gate at the gate layer, in place.
   Design: ``docs/activation-steering.md``.
+- ``capture_stream``: the residual stream of capturing tokens at one layer into a persistent buffer (a
+  masked copy; one torch implementation for every device).
 
 Importing this package needs neither Triton nor vLLM; the Triton launchers raise if called without
 Triton. Set ``TRITON_INTERPRET=1`` *before* importing to run the Triton launchers on CPU tensors.
 """
 
+from value_steer.kernels.capture_stream import capture_stream, capture_stream_reference
 from value_steer.kernels.score_and_select import (
     ScoreOutputs,
     score_and_select,
@@ -50,6 +53,8 @@ from value_steer.kernels.write_kv import (
 
 __all__ = [
     "ScoreOutputs",
+    "capture_stream",
+    "capture_stream_reference",
     "copy_kv_slots",
     "copy_kv_slots_reference",
     "copy_kv_slots_triton",

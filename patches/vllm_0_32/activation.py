@@ -9,7 +9,8 @@ wrapper's non-persistent buffers, so ``torch.compile`` (vLLM's ``@support_torch_
 traces them into the graph as static inputs and a CUDA graph replays them with whatever the tables hold.
 
 Every layer is wrapped (a request may steer at any layer); a step in which no token is steered costs one
-pass-through copy of the layer output and a gate scan per layer.
+pass-through copy of the layer output and a gate scan per layer. With a ``capture`` section, each wrapper
+also copies the stream of capturing tokens (``capture_layers``) into its layer's buffer (``capture_stream``).
 
 Layer outputs: vLLM's decoder layers return ``(hidden_states, residual)`` (the residual stream is their
 sum; ``residual`` is None never after the first layer in vLLM 0.32's Llama-family models, but a ``None`` is
@@ -22,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from value_steer.kernels import steer_activations, steer_gate
+from value_steer.kernels import capture_stream, steer_activations, steer_gate
 from value_steer.runtime.activation import ActivationTables
 
 
@@ -49,6 +50,10 @@ class SteeredDecoderLayer(nn.Module):
             bufs[name] = t
         for name, t in zip(("gate_slot", "gate_threshold", "gate_sharpness"), tables.gate_tables(index)):
             bufs[name] = t
+        cap = tables.capture_tables(index)
+        self.captures = cap is not None  # fixed at load: the compiled graph has the capture op or not
+        if cap is not None:
+            bufs["capture_flag"], bufs["capture_buf"] = cap
         for name, t in bufs.items():
             # Views of the tables: in-place updates of the tables are what the ops read.
             self.register_buffer(f"vs_{name}", t, persistent=False)
@@ -63,6 +68,9 @@ class SteeredDecoderLayer(nn.Module):
         steered = steer_activations(hidden, residual, self.vs_token_row, self.vs_token_decode, self.vs_gate,
                                     self.vs_bank, self.vs_op_kind, self.vs_op_slot, self.vs_op_a, self.vs_op_b,
                                     self.vs_op_flags)
+        if self.captures:
+            # The stream after this layer's edits: what the next layer reads.
+            capture_stream(steered, residual, self.vs_token_row, self.vs_capture_flag, self.vs_capture_buf)
         return (steered, *out[1:]) if pair else steered
 
 

@@ -11,6 +11,7 @@ is the row index (``SteeringState.upload_step_rows``).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,8 @@ class SteeringRunnerMixin:
         if self._vs_state is not None:
             self._vs_sync_requests(scheduler_output)
         out = super().execute_model(scheduler_output, intermediate_tensors)  # type: ignore[misc]
+        if self._vs_state is not None and self._vs_state.activation is not None:
+            self._vs_capture_layers()
         state = getattr(self, "execute_model_state", None)
         self._vs_step = None
         if self._vs_state is not None and state is not None and state.sample_hidden_states is not None:
@@ -207,6 +210,40 @@ class SteeringRunnerMixin:
         lp0.index_copy_(0, idx, torch.where(forced, eos_lp.to(lp0.dtype), lp0.index_select(0, idx)))
         ranks = lpt.selected_token_ranks
         ranks.index_copy_(0, idx, torch.where(forced, rank.to(ranks.dtype), ranks.index_select(0, idx)))
+
+    def _vs_capture_layers(self) -> None:
+        """After the forward: write the residual streams of requests that asked for ``capture_layers`` (one
+        writer per layer, ``<capture.dir>/layer-LL``). Capture steps only (reads the device)."""
+        act = self._vs_state.activation
+        found = act.take_capture_tokens()
+        if found is None:
+            return
+        tok, req, pos = found
+        rows = act.staged_rows(tok)
+        ib = self.input_batch  # type: ignore[attr-defined]
+        req_ids = [ib.req_ids[int(r)] for r in req]
+        for layer in np.flatnonzero(act.capture_use).tolist():
+            sel = np.flatnonzero(act.capture_rows_at(layer, rows))
+            if not sel.size:
+                continue
+            idx = torch.from_numpy(tok[sel]).to(act.capture_buf.device)
+            self._vs_layer_writer(layer).add([req_ids[j] for j in sel], pos[sel].tolist(),
+                                             act.capture_buf[layer].index_select(0, idx))
+
+    def _vs_layer_writer(self, layer: int) -> Any:
+        from value_steer.runtime.capture import CaptureWriter
+
+        writers = self.__dict__.setdefault("_vs_layer_writers", {})
+        if layer not in writers:
+            writers[layer] = CaptureWriter(os.path.join(self._vs_state.config.capture.dir, f"layer-{layer:02d}"))
+        return writers[layer]
+
+    def vs_flush_layer_capture(self) -> int:
+        """Flush the per-layer capture writers; returns their shard count."""
+        writers = self.__dict__.get("_vs_layer_writers", {})
+        for w in writers.values():
+            w.flush()
+        return sum(w.num_shards for w in writers.values())
 
     def _vs_capture_rows(self, is_decode: np.ndarray | None, positions: np.ndarray, hidden: torch.Tensor,
                          batch_rows: np.ndarray | None = None) -> None:

@@ -116,7 +116,7 @@ def test_misspelled_request_key_is_refused_naming_our_keys(key, near, head_file)
         parse_request_args({key: 0.3}, _cfg(head_file), 0.5)
     msg = str(err.value)
     assert repr(key) in msg and f"did you mean {near!r}" in msg
-    assert "['value_steer', 'threshold', 'num_candidates', 'value_steer_capture']" in msg
+    assert "['value_steer', 'threshold', 'num_candidates', 'value_steer_capture', 'capture_layers']" in msg
 
 
 def test_foreign_request_keys_are_left_alone(head_file):

@@ -29,6 +29,7 @@ is accepted only when the server has a ``steering`` section; it is independent o
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 from collections.abc import Callable
@@ -57,7 +58,7 @@ DEFAULT_MAX_INLINE_FLOATS = 8 * 4096
 # How VFD forwards its candidates: "eager" (all K in the main forward), "two_phase" (natural sample first,
 # alternatives only for unsafe rows, in a second forward), "auto" (a per-step cost model chooses).
 VFD_SCHEDULES = ("auto", "eager", "two_phase")
-REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture")
+REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture", "capture_layers")
 # The activation-steering spec's key. Kept out of REQUEST_KEYS (the value-head switches, listed in messages as
 # they are) but known to every check on our keys: ALL_REQUEST_KEYS.
 STEERING_KEY = "steering"
@@ -273,6 +274,7 @@ class RequestSteer:
     num_candidates: int
     capture: bool = False
     steering: SteeringSpec | None = None
+    capture_layers: tuple[int, ...] = ()  # residual-stream capture at these decoder layers (sorted, distinct)
 
 
 _TRUE = {"on", "true", "1", "yes"}
@@ -389,6 +391,10 @@ def parse_request_args(
         capture = _parse_switch(args["value_steer_capture"], "value_steer_capture")
         if capture and cfg.capture is None:
             raise RequestArgError("value_steer_capture=true, but the server has no 'capture' section")
+    capture_layers = _parse_capture_layers(args.get("capture_layers"), cfg, num_layers)
+    if capture_layers and on and cfg.mode == MODE_VFD:
+        raise RequestArgError("capture_layers: not supported on a vfd request (its forwards hold rejected candidates); "
+                              "send value_steer=false to capture it unfiltered")
     spec = None
     if args.get(STEERING_KEY) is not None:
         if cfg.steering is None:
@@ -411,7 +417,34 @@ def parse_request_args(
         num_candidates=k if on else 1,
         capture=capture,
         steering=spec,
+        capture_layers=capture_layers,
     )
+
+
+def _parse_capture_layers(value: Any, cfg: SteerConfig, num_layers: int | None) -> tuple[int, ...]:
+    """``capture_layers``: decoder layers whose residual stream (prompt and decode tokens) the request writes
+    to ``<capture.dir>/layer-LL``. A list of ints, or (``vllm_xargs``) a JSON list / comma-separated string."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text.startswith("[") else [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise RequestArgError(f"capture_layers must be a list of layer indices, got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise RequestArgError(f"capture_layers must be a list of integer layer indices, got {value!r}")
+    if not value:
+        return ()
+    if cfg.capture is None or cfg.steering is None:
+        raise RequestArgError("capture_layers: the server needs both a 'capture' and a 'steering' section in "
+                              "--additional-config")
+    hi = num_layers if num_layers is not None else None
+    for i, layer in enumerate(value):
+        if layer < 0 or (hi is not None and layer >= hi):
+            allowed = f"[0, {hi})" if hi is not None else ">= 0"
+            raise RequestArgError(f"capture_layers[{i}] must be a decoder layer in {allowed}, got {layer}")
+    return tuple(sorted(set(value)))
 
 
 def vfd_unsupported_reason(sampling_params: Any) -> str | None:

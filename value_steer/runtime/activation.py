@@ -347,6 +347,7 @@ class _RowRecord:
     layers: tuple[int, ...]
     gate_layer: int | None
     held: list[str] = field(default_factory=list)  # content hashes acquired from the bank
+    capture_layers: tuple[int, ...] = ()
 
 
 _TOKEN_ALIGN = 64  # keeps the int32 region of the packed token buffer aligned
@@ -379,12 +380,14 @@ class ActivationTables:
         max_tokens: per-token buffer length (``max_num_batched_tokens`` plus any extra tokens the adapter
             forwards).
         device: where the tables live.
+        capture: allocate the layer-capture tables: ``capture_flag [num_layers, R]`` int8 (1: the row captures
+            that layer) and ``capture_buf [num_layers, max_tokens, H]`` fp32, written by ``capture_stream``.
     """
 
     OP_COLUMNS = ("op_kind", "op_slot", "op_a", "op_b", "op_flags")
 
     def __init__(self, bank: VectorBank, num_rows: int, max_ops: int, max_tokens: int,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, capture: bool = False) -> None:
         if num_rows < 2 or max_ops < 1 or max_tokens < 1:
             raise ValueError("num_rows must be >= 2 (row 0 is off), max_ops and max_tokens >= 1")
         self.bank = bank
@@ -403,6 +406,8 @@ class ActivationTables:
             "gate_threshold": torch.zeros(num_rows, dtype=torch.float32),
             "gate_sharpness": torch.ones(num_rows, dtype=torch.float32),
         }
+        if capture:
+            init["capture_flag"] = torch.zeros((n_layers, num_rows), dtype=torch.int8)
         self._host_t = {k: _pinned(v, self.device) for k, v in init.items()}
         self.host: dict[str, np.ndarray] = {k: v.numpy() for k, v in self._host_t.items()}
         # Start-up copies (before any step): the device tables start equal to their mirrors.
@@ -410,6 +415,11 @@ class ActivationTables:
         self._op_dirty = [n_layers, 0]  # [lo, hi) of layers whose op tables changed
         self._gate_dirty = [n_layers, 0]  # [lo, hi) of layers whose gate_slot changed
         self._gate_params_dirty = False
+        self._capture_dirty = [n_layers, 0]  # [lo, hi) of layers whose capture_flag changed
+        self.capture_buf = (torch.zeros((n_layers, max_tokens, bank.hidden_size), dtype=torch.float32,
+                                        device=self.device) if capture else None)
+        self.capture_use = np.zeros(n_layers, dtype=np.int64)  # live rows capturing each layer
+        self._capture_tokens: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._rows: dict[int, _RowRecord] = {}
         self.layer_use = np.zeros(n_layers, dtype=np.int64)  # live rows editing each layer
         self.gate_use = np.zeros(n_layers, dtype=np.int64)  # live rows gating at each layer
@@ -449,6 +459,12 @@ class ActivationTables:
         ``layer`` (slot -1 for rows not gated at ``layer``)."""
         return self.dev["gate_slot"][layer], self.dev["gate_threshold"], self.dev["gate_sharpness"]
 
+    def capture_tables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(capture_flag [R] int8, capture_buf [max_tokens, H] fp32)`` of ``layer``, or None without capture."""
+        if self.capture_buf is None:
+            return None
+        return self.dev["capture_flag"][layer], self.capture_buf[layer]
+
     @property
     def active(self) -> bool:
         """Whether any live row has steering (an adapter may skip the per-token fill otherwise)."""
@@ -462,8 +478,11 @@ class ActivationTables:
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 1 <= row < self.num_rows:
             raise ValueError(f"row must be an int in [1, {self.num_rows}), got {row!r}")
 
-    def add_request(self, row: int, spec: SteeringSpec) -> None:
+    def add_request(self, row: int, spec: SteeringSpec | None, capture_layers: tuple[int, ...] = ()) -> None:
         """Write ``spec`` into row ``row`` (host mirrors; :meth:`flush` publishes) and hold its vectors.
+
+        ``spec`` may be None for a request that only captures (``capture_layers``: decoder layers whose
+        residual stream the row's tokens write to ``capture_buf``; needs ``capture=True``).
 
         Ops at a layer ``>= spec.gate.layer`` are gated and decode-only (derived from the gate here, whatever
         the ops' ``gated`` field says). All-or-nothing: on error nothing is written or held.
@@ -474,6 +493,14 @@ class ActivationTables:
         self._check_row(row)
         if row in self._rows:
             raise ValueError(f"row {row} already holds a steering spec; remove_request it first")
+        if capture_layers:
+            if self.capture_buf is None:
+                raise ValueError("capture_layers needs tables built with capture=True")
+            bad = [c for c in capture_layers if not 0 <= c < self.num_layers]
+            if bad:
+                raise ValueError(f"capture_layers {bad} out of range [0, {self.num_layers})")
+        if spec is None:
+            spec = SteeringSpec(ops=(), gate=None)
         per_layer: dict[int, list[int]] = {}
         for i, op in enumerate(spec.ops):
             if not 0 <= op.layer < self.num_layers:
@@ -524,7 +551,12 @@ class ActivationTables:
             self.gate_use[g.layer] += 1
             self._mark(self._gate_dirty, g.layer)
             self._gate_params_dirty = True
-        self._rows[row] = _RowRecord(tuple(per_layer), None if g is None else g.layer, held)
+        for c in set(capture_layers):
+            hm["capture_flag"][c, row] = 1
+            self.capture_use[c] += 1
+            self._mark(self._capture_dirty, c)
+        self._rows[row] = _RowRecord(tuple(per_layer), None if g is None else g.layer, held,
+                                     tuple(sorted(set(capture_layers))))
 
     def remove_request(self, row: int) -> None:
         """Clear row ``row`` (staged) and release its vectors. Idempotent."""
@@ -541,6 +573,10 @@ class ActivationTables:
             hm["gate_slot"][rec.gate_layer, row] = -1
             self.gate_use[rec.gate_layer] -= 1
             self._mark(self._gate_dirty, rec.gate_layer)
+        for c in rec.capture_layers:
+            hm["capture_flag"][c, row] = 0
+            self.capture_use[c] -= 1
+            self._mark(self._capture_dirty, c)
         for h in rec.held:
             self.bank.release(h)
 
@@ -552,7 +588,8 @@ class ActivationTables:
         """Publish staged writes (the bank's too): per op column, one non-blocking copy of the changed layers'
         span; the gate tables likewise. A steady step copies nothing. Returns the number of copies."""
         copies = int(self.bank.flush())
-        spans = [(self.OP_COLUMNS, self._op_dirty), (("gate_slot",), self._gate_dirty)]
+        spans = [(self.OP_COLUMNS, self._op_dirty), (("gate_slot",), self._gate_dirty),
+                 (("capture_flag",), self._capture_dirty)]
         for cols, span in spans:
             lo, hi = span
             if lo >= hi:
@@ -602,12 +639,37 @@ class ActivationTables:
         first_decode = starts + np.clip(np.asarray(num_prompt, dtype=np.int64) - np.asarray(num_computed), 0, ns)
         self._host_decode[:t] = self._arange[:t] >= np.repeat(first_decode, ns)
         self._staged = t
+        self._capture_tokens = None
+        if self.capture_use.any():
+            # Which of this forward's tokens capture: (token index, request index, position), for the runner
+            # to read back after the forward (capture steps only).
+            flags = self.host["capture_flag"].any(axis=0)
+            tok = np.flatnonzero(flags[self._host_row[:t]])
+            if tok.size:
+                req = np.repeat(np.arange(ns.shape[0]), ns)[tok]
+                pos = np.asarray(num_computed, dtype=np.int64)[req] + (tok - starts[req])
+                self._capture_tokens = (tok, req, pos)
         return t
+
+    def take_capture_tokens(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The last staged forward's capturing tokens ``(token index [N], request index [N], position [N])``
+        (None: none); cleared by the call."""
+        out, self._capture_tokens = self._capture_tokens, None
+        return out
+
+    def capture_rows_at(self, layer: int, token_rows: np.ndarray) -> np.ndarray:
+        """Mask ``[N]``: which of the given tokens' rows capture ``layer`` (host mirror)."""
+        return self.host["capture_flag"][layer, token_rows] != 0
+
+    def staged_rows(self, tok: np.ndarray) -> np.ndarray:
+        """The staged steering rows of the given token indices of the last forward."""
+        return self._host_row[tok].copy()
 
     def stage_decode_tokens(self, rows: np.ndarray) -> int:
         """Stage a forward made only of decode tokens (VFD's candidate forwards): ``rows [E]`` per token."""
         self._select_host((self._token_ring + 1) % _TOKEN_RING)
         self._staged = 0
+        self._capture_tokens = None
         return self.extend_tokens(rows)
 
     def extend_tokens(self, rows: np.ndarray) -> int:

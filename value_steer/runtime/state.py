@@ -121,7 +121,7 @@ class SteeringState:
                 logger.info("value_steer: loaded %d steering vector(s) from %s: %s", len(loaded),
                             config.steering.vectors, ", ".join(v.name for v in loaded) or "-")
             self.activation = ActivationTables(bank, num_rows, config.steering.max_ops_per_request, max_tokens,
-                                               self.device)
+                                               self.device, capture=config.capture is not None)
 
     # ---- request lifecycle -------------------------------------------------------------------------
     def add_request(self, req_id: str, extra_args: dict[str, Any] | None, eos_token_id: int | None,
@@ -141,9 +141,10 @@ class SteeringState:
                                    num_layers=self.num_layers,
                                    resolve=act.bank.resolve if act is not None else None)
         act_row = 0
-        if steer.steering is not None:
-            assert act is not None  # parse_request_args refuses a spec without a steering section
-            if expected_fingerprint is not None:
+        if steer.steering is not None or steer.capture_layers:
+            # parse_request_args refuses both without a steering section.
+            assert act is not None
+            if steer.steering is not None and expected_fingerprint is not None:
                 try:
                     got = fingerprint(steer.steering, act.bank.vector_hash)
                 except ValueError as exc:
@@ -155,7 +156,7 @@ class SteeringState:
                 raise RuntimeError("value_steer: activation row table exhausted (more live requests than max_num_seqs)")
             act_row = self._free_act_rows.pop()
             try:
-                act.add_request(act_row, steer.steering)
+                act.add_request(act_row, steer.steering, steer.capture_layers)
             except BaseException:
                 self._free_act_rows.append(act_row)
                 raise
@@ -174,9 +175,9 @@ class SteeringState:
             name = MODE_NAMES[steer.mode]
             self.counters.by_mode[name] = self.counters.by_mode.get(name, 0) + 1
         info = RequestInfo(mode=MODE_NAMES[steer.mode], threshold=steer.threshold, num_candidates=steer.num_candidates)
-        if act_row:
-            info.activation_ops = len(steer.steering.ops)  # type: ignore[union-attr]
-            info.activation_gated = steer.steering.gate is not None  # type: ignore[union-attr]
+        if steer.steering is not None:
+            info.activation_ops = len(steer.steering.ops)
+            info.activation_gated = steer.steering.gate is not None
         state = RequestState(req_id, steer, row, eos_token_id, int(min_tokens or 0), info, wants_logprobs, act_row)
         self.requests[req_id] = state
         return state

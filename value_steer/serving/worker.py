@@ -19,6 +19,7 @@ import torch
 from value_steer.core.config import SteerConfig, parse_additional_config
 from value_steer.core.modes import MODE_OFF
 from value_steer.patches import get_adapter
+from value_steer.runtime.activation import BankFullError, VectorBankError, VectorInUseError
 from value_steer.runtime.capture import CaptureWriter
 from value_steer.runtime.state import SteeringState
 
@@ -78,10 +79,52 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             return {"request_id": request_id, "stats": state.stats_for(request_id, _adapter.request_id_matches)}
         return {"counters": state.counters_dict()}
 
+    def value_steer_vectors(self, action: str, name: str | None = None, data: Any = None) -> dict[str, Any]:
+        """The steering-vector registry (``POST/GET/DELETE /v1/steering/vectors``; offline through
+        ``LLM.collective_rpc``).
+
+        Args:
+            action: ``"list"``, ``"register"`` (``name``, ``data``: ``[H]`` or ``[num_layers][H]`` floats),
+                ``"delete"`` (``name``) or ``"hashes"`` (name -> content hash, for the frontend's cache salts).
+        Returns:
+            The answer, or ``{"error": message, "status": 400 | 404 | 409}`` (unknown name on delete: 404; in
+            use or bank full: 409; bad input or no ``steering`` section: 400).
+        """
+        state: SteeringState = self.model_runner._vs_state
+        act = state.activation
+        if act is None:
+            return {"error": "steering: this server has no 'steering' section in --additional-config", "status": 400}
+        bank = act.bank
+        try:
+            if action == "list":
+                return {"vectors": bank.list(), "usage": bank.usage()}
+            if action == "hashes":
+                return {"hashes": {v["name"]: v["hash"] for v in bank.list()}, "hidden_size": bank.hidden_size,
+                        "num_layers": bank.num_layers}
+            if action == "register":
+                info = bank.register(name, data)  # type: ignore[arg-type]
+                entry = next(v for v in bank.list() if v["name"] == info.name)
+                logger.info("value_steer: registered steering vector %r (%s, shape %s)", info.name,
+                            info.content_hash[:12], list(info.shape))
+                return {"vector": entry}
+            if action == "delete":
+                if name is None or bank.lookup(name) is None:
+                    return {"error": f"name: unknown steering vector {name!r}", "status": 404}
+                bank.delete(name)
+                return {"deleted": name}
+        except (BankFullError, VectorInUseError) as exc:
+            return {"error": str(exc), "status": 409}
+        except VectorBankError as exc:
+            return {"error": str(exc), "status": 400}
+        return {"error": f"action must be one of 'list', 'register', 'delete', 'hashes', got {action!r}",
+                "status": 400}
+
     def value_steer_flush_capture(self) -> int:
         """Flush buffered capture rows to disk; returns the number of shards written so far."""
-        cap = self.model_runner._vs_capture
+        runner = self.model_runner
+        layers = runner.vs_flush_layer_capture()
+        cap = runner._vs_capture
         if cap is None:
-            return 0
+            return layers
         cap.flush()
-        return cap.num_shards
+        return cap.num_shards + layers
