@@ -230,3 +230,22 @@ def test_words_near_steering_are_left_alone():
     # Other plugins' plain words: not close enough to "steering" to be taken for it.
     args = {"string": 1, "seeding": 2, "tiering": 3, "steer": 4, "steering_vector": 5}
     assert parse_request_args(args, parse_additional_config({"steering": {}}), 0.5).steering is None
+
+
+@pytest.mark.parametrize(("value", "want"), [([3, 1, 3], (1, 3)), ("[2, 0]", (0, 2)), ("4,1", (1, 4)), ([], ())])
+def test_capture_layers_forms(value, want):
+    cfg = parse_additional_config({"steering": {}, "capture": {"dir": "/tmp/x"}})
+    assert parse_request_args({"capture_layers": value}, cfg, 0.5, num_layers=8).capture_layers == want
+
+
+@pytest.mark.parametrize(("raw", "value", "match"), [
+    ({"steering": {}, "capture": {"dir": "/tmp/x"}}, [8], r"capture_layers\[0\] must be a decoder layer in \[0, 8\)"),
+    ({"steering": {}, "capture": {"dir": "/tmp/x"}}, [-1], r"capture_layers\[0\]"),
+    ({"steering": {}, "capture": {"dir": "/tmp/x"}}, "a,b", "list of layer indices"),
+    ({"steering": {}, "capture": {"dir": "/tmp/x"}}, [True], "integer layer indices"),
+    ({"steering": {}}, [0], "needs both a 'capture' and a 'steering' section"),
+])
+def test_capture_layers_refused(raw, value, match):
+    with pytest.raises(RequestArgError, match=match):
+        parse_request_args({"capture_layers": value}, parse_additional_config(raw, check_files=False), 0.5,
+                           num_layers=8)

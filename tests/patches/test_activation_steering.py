@@ -43,7 +43,7 @@ def llm(request, tiny_model_dir, capture_dir):
     engine = make_llm(tiny_model_dir, {"steering": {"max_vectors": 16},
                                        "capture": {"dir": str(capture_dir / mode)}},
                       enforce_eager=mode == "eager", enable_prefix_caching=True, disable_log_stats=False,
-                      block_size=32)
+                      block_size=32, max_num_batched_tokens=64)  # long prompts prefill in chunks
     engine.vs_mode = mode
     yield engine
     del engine
@@ -164,6 +164,30 @@ def test_cap_and_ablate_edit_the_stream_as_the_references_say(llm, tiny_model_di
     proj = st1[1][:p] @ uu
     assert float(proj.min()) >= lo - 1e-4 and float(proj.max()) <= hi + 1e-4
     assert not torch.allclose(st1[1][:p], base1[1][:p])
+
+
+def test_chunked_prefill_maps_each_token_to_its_request(llm, tiny_model_dir, capture_dir):
+    """A prompt-only add at layer 0 on a long prompt prefilled in chunks, beside short requests decoding in the
+    same steps: the captured layer-0 stream is the base stream plus the add on exactly the prompt positions
+    (layer 0's output at any position does not depend on edits after layer 0, so the base is transformers')."""
+    from transformers import AutoModelForCausalLM
+
+    v = torch.tensor(_vec(13))
+    spec = Steering([add(0, v.tolist(), 5.0, tokens="prompt")])
+    prompts = [LONG_PROMPT + " chunked", PROMPTS[0], PROMPTS[1]]
+    outs = llm.generate(prompts, [_sp(spec, extra={"capture_layers": [0]}), _sp(), _sp()], use_tqdm=False)
+    llm.collective_rpc("value_steer_flush_capture")
+    o = outs[0]
+    p = len(o.prompt_token_ids)
+    assert p > 64, "the prompt must need more than one prefill chunk"
+    pos, got = _layer_rows(capture_dir / llm.vs_mode / "layer-00", o.request_id)
+    assert pos.tolist() == list(range(p + N_TOKENS - 1))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32).eval()
+    full = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)[:-1]
+    with torch.no_grad():
+        base0 = model(torch.tensor([full]), output_hidden_states=True).hidden_states[1][0]
+    want = base0 + 5.0 * v * (torch.arange(len(full)) < p).unsqueeze(1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def _prefix_counters(llm) -> tuple[float, float]:

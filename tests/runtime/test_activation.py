@@ -366,3 +366,59 @@ def test_lifecycle_step_flushes_in_bulk(sync_counter):
     assert c.blocking == 0 and c.counts["list_to_device"] == 0, c.log
     # Bank span + 5 op columns + gate slot + threshold + sharpness: bulk copies, not per element.
     assert c.counts["h2d"] == copies <= 9, c.log
+
+
+def test_staged_forward_with_appended_candidates_publishes_once(sync_counter):
+    """The main forward's tokens, then VFD's appended candidate tokens (decode, their parent's row), then the
+    CUDA-graph padding: one copy."""
+    _, t = _admitted_on_meta()
+    with sync_counter() as c:
+        n = t.stage_tokens(np.array([1, 0, 3], dtype=np.int32), np.array([4, 1, 1]), np.array([0, 7, 9]),
+                           np.array([10, 3, 5]))
+        assert n == 6
+        assert t.extend_tokens(np.array([3, 3, 1], dtype=np.int32)) == 9
+        assert t.publish_tokens(12) == 9
+    assert c.counts["h2d"] == 1 and c.blocking == 0, c.log
+
+
+def test_stage_extend_publish_values():
+    _, t = _setup()
+    t.stage_tokens(np.array([2, 0], dtype=np.int32), np.array([3, 1]), np.array([0, 5]), np.array([2, 5]))
+    t.extend_tokens(np.array([2, 2], dtype=np.int32))
+    assert t.publish_tokens(pad_to=8) == 6
+    assert t.token_row[:8].tolist() == [2, 2, 2, 0, 2, 2, 0, 0]
+    assert t.token_decode[:8].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    # A candidate-only forward (VFD's first-token / second-phase forwards): all decode tokens.
+    t.stage_decode_tokens(np.array([5, 0, 2], dtype=np.int32))
+    assert t.publish_tokens() == 3
+    assert t.token_row[:3].tolist() == [5, 0, 2] and t.token_decode[:3].tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="exceed the token buffers"):
+        t.extend_tokens(np.zeros(t.max_tokens, dtype=np.int32))
+
+
+def test_capture_tables_and_tokens():
+    bank = _bank()
+    t = ActivationTables(bank, R, M, max_tokens=32, device=CPU, capture=True)
+    assert t.capture_buf is not None and tuple(t.capture_buf.shape) == (L, 32, H)
+    spec = _parse(bank, {"ops": [{"layer": 1, "op": "add", "vector": _vec(1).tolist()}]})
+    t.add_request(2, spec, capture_layers=(0, 3))
+    t.add_request(4, None, capture_layers=(3,))  # capture only
+    t.flush()
+    flag = t.dev["capture_flag"]
+    assert flag[0].tolist() == [0, 0, 1, 0, 0, 0] and flag[3].tolist() == [0, 0, 1, 0, 1, 0]
+    assert t.capture_use.tolist() == [1, 0, 0, 2]
+    # Requests: row 2 (prefill chunk of 3 from position 4), row 0 (decode), row 4 (decode at position 9).
+    t.stage_tokens(np.array([2, 0, 4], dtype=np.int32), np.array([3, 1, 1]), np.array([4, 6, 9]),
+                   np.array([10, 5, 8]))
+    tok, req, pos = t.take_capture_tokens()
+    assert tok.tolist() == [0, 1, 2, 4] and req.tolist() == [0, 0, 0, 2] and pos.tolist() == [4, 5, 6, 9]
+    assert t.take_capture_tokens() is None
+    rows = t.staged_rows(tok)
+    assert t.capture_rows_at(0, rows).tolist() == [True, True, True, False]
+    assert t.capture_rows_at(3, rows).tolist() == [True, True, True, True]
+    t.remove_request(2)
+    t.remove_request(4)
+    t.flush()
+    assert not t.dev["capture_flag"].any() and not t.capture_use.any() and not t.active
+    with pytest.raises(ValueError, match="capture=True"):
+        ActivationTables(bank, R, M, 8, CPU).add_request(1, None, capture_layers=(0,))

@@ -1,0 +1,91 @@
+"""SteeringState with a ``steering`` section: activation rows independent of value-steering rows, admission
+through the bank (fingerprint check, all-or-nothing), release on finish, batch-slot rows, capture_layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from value_steer.core.config import RequestArgError, parse_additional_config
+from value_steer.core.steering_spec import fingerprint, parse_steering_spec
+from value_steer.runtime.state import SteeringState
+
+H, L = 8, 3
+
+
+def _state(tmp_path, capture: bool = False) -> SteeringState:
+    raw = {"steering": {"max_vectors": 4, "max_ops_per_request": 2}}
+    if capture:
+        raw["capture"] = {"dir": str(tmp_path / "cap")}
+    cfg = parse_additional_config(raw)
+    return SteeringState(cfg, hidden_size=H, max_num_seqs=3, device=torch.device("cpu"), num_layers=L,
+                         max_tokens=32)
+
+
+def _spec(seed: int = 0, layer: int = 1) -> dict:
+    return {"ops": [{"layer": layer, "op": "add", "vector": np.random.RandomState(seed).randn(H).tolist(),
+                     "scale": 2.0}]}
+
+
+def test_steering_section_needs_model_facts():
+    cfg = parse_additional_config({"steering": {}})
+    with pytest.raises(ValueError, match="num_layers"):
+        SteeringState(cfg, hidden_size=H, max_num_seqs=2, device=torch.device("cpu"))
+
+
+def test_activation_rows_are_their_own(tmp_path):
+    st = _state(tmp_path)
+    a = st.add_request("a", {"steering": _spec(0)}, eos_token_id=2, ignore_eos=False)
+    b = st.add_request("b", None, eos_token_id=2, ignore_eos=False)
+    c = st.add_request("c", {"steering": _spec(1, layer=2)}, eos_token_id=2, ignore_eos=False)
+    assert a.row == 0 and a.act_row == 1 and b.act_row == 0 and c.act_row == 2
+    assert st.activation.active and st.activation.layer_use.tolist() == [0, 1, 1]
+    st.update_batch(["c", "b", "a"])
+    assert st.slot_act_row[:3].tolist() == [2, 0, 1]
+    info = st.stats_for("a")
+    assert info["activation_steering"] == {"ops": 1, "gated": False}
+    assert st.stats_for("b")["activation_steering"] is None
+    st.finish_request("a")
+    st.finish_request("c")
+    assert not st.activation.active and st.activation.bank.usage()["slots_used"] == 0
+    # Freed rows are reused.
+    assert st.add_request("d", {"steering": _spec(2)}, eos_token_id=2, ignore_eos=False).act_row in (1, 2)
+
+
+def test_fingerprint_mismatch_is_refused_without_leaking(tmp_path):
+    st = _state(tmp_path)
+    bank = st.activation.bank
+    bank.register("calm", np.ones(H, dtype=np.float32))
+    raw = {"ops": [{"layer": 0, "op": "add", "vector": "calm"}]}
+    spec = parse_steering_spec(raw, hidden_size=H, num_layers=L, max_ops=2, max_inline_floats=64,
+                               resolve=bank.resolve)
+    good = fingerprint(spec, bank.vector_hash)
+    bank.register("calm", np.full(H, 2.0, dtype=np.float32))  # re-registered after the frontend salted
+    with pytest.raises(RequestArgError, match="changed between admission and scheduling"):
+        st.add_request("x", {"steering": raw}, 2, False, expected_fingerprint=good)
+    assert "x" not in st.requests and not st.activation.active
+    assert st.add_request("y", {"steering": raw}, 2, False,
+                          expected_fingerprint=fingerprint(spec, bank.vector_hash)).act_row == 1
+
+
+def test_unknown_vector_and_bad_layer_are_refused(tmp_path):
+    st = _state(tmp_path)
+    with pytest.raises(RequestArgError, match=r"steering.ops\[0\].vector"):
+        st.add_request("x", {"steering": {"ops": [{"layer": 0, "op": "add", "vector": "nope"}]}}, 2, False)
+    with pytest.raises(RequestArgError, match=r"steering.ops\[0\].layer"):
+        st.add_request("x", {"steering": _spec(0, layer=L)}, 2, False)
+    assert not st.activation.active and len(st._free_act_rows) == 3
+
+
+def test_capture_layers(tmp_path):
+    st = _state(tmp_path, capture=True)
+    s = st.add_request("a", {"capture_layers": [2, 0]}, 2, False)
+    assert s.act_row == 1 and s.steer.capture_layers == (0, 2) and s.steer.steering is None
+    assert st.activation.capture_use.tolist() == [1, 0, 1]
+    with pytest.raises(RequestArgError, match=r"capture_layers\[0\]"):
+        st.add_request("b", {"capture_layers": [L]}, 2, False)
+    with pytest.raises(RequestArgError, match="capture_layers"):
+        _state(tmp_path).add_request("c", {"capture_layers": [0]}, 2, False)  # no capture section
+    st.finish_request("a")
+    assert not st.activation.capture_use.any()
