@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,9 +47,9 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
     start-up hook adds this class to the engine's logits processors whenever ``ValueSteerWorker`` is
     configured. The server config is read from ``VALUE_STEER_CONFIG`` (published by the same hook from
     ``--additional-config``); without it only config-independent checks run. A ``steering`` spec is also
-    checked against the model (hidden size, layer count) and the vector names this process knows
-    (``frontend.steering_parse_kwargs``). As a logits processor it does nothing (argmax invariant,
-    identity).
+    checked against the model (hidden size, layer count) and the vector names this process knows, once
+    the frontend hooks have installed them (:func:`set_steering_context`). As a logits processor it does
+    nothing (argmax invariant, identity).
     """
 
     @classmethod
@@ -57,11 +58,9 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
         args = getattr(sampling_params, "extra_args", None)
         known = cfg is not None
         model: dict[str, Any] = {}
-        if known and cfg.steering is not None and isinstance(args, dict) and args.get(STEERING_KEY) is not None:
-            # Imported here: frontend imports this module (the config hand-off); only steering requests pay.
-            from value_steer.patches.vllm_0_32.frontend import steering_parse_kwargs
-
-            model = steering_parse_kwargs()
+        if (_STEERING_CONTEXT is not None and known and cfg.steering is not None and isinstance(args, dict)
+                and args.get(STEERING_KEY) is not None):
+            model = _STEERING_CONTEXT()
         steer = parse_request_args(args, cfg if known else _TYPE_CHECK_ONLY, default_threshold=0.5, **model)
         if known and steer.mode == MODE_VFD:
             reason = vfd_unsupported_reason(sampling_params)
@@ -83,6 +82,31 @@ class RequestArgsValidator(_LogitsProcessorBase):  # type: ignore[misc,valid-typ
 
     def update_state(self, batch_update: Any) -> None:
         return None
+
+
+def is_request_validator(proc: Any) -> bool:
+    """Whether a ``--logits-processors`` entry (a class, or its ``module:Class`` / ``module.Class`` path; the
+    package path the start-up hook adds, or this module's) is the request validator."""
+    if isinstance(proc, str):
+        module, _, name = proc.rpartition(":") if ":" in proc else proc.rpartition(".")
+        return name == RequestArgsValidator.__name__ and module in _VALIDATOR_MODULES
+    return isinstance(proc, type) and issubclass(proc, RequestArgsValidator)
+
+
+_VALIDATOR_MODULES = (RequestArgsValidator.__module__, RequestArgsValidator.__module__.rpartition(".")[0])
+
+# What the validator adds to parse_request_args for a steering spec: hidden_size, num_layers, resolve.
+# frontend.install_frontend_hooks installs it (the frontend imports this module, so this one cannot import
+# the frontend without a cycle).
+SteeringContext = Callable[[], dict[str, Any]]
+_STEERING_CONTEXT: SteeringContext | None = None
+
+
+def set_steering_context(context: SteeringContext | None) -> None:
+    """Install ``context() -> {"hidden_size", "num_layers", "resolve"}``, the model facts and the vector-name
+    lookup the validator checks a steering spec against (None: type and range checks only)."""
+    global _STEERING_CONTEXT
+    _STEERING_CONTEXT = context
 
 
 def end_token(sampling_params: Any) -> int | None:

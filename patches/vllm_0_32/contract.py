@@ -76,6 +76,11 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     (_RUNNER, "GPUModelRunner._model_forward", ("self", "input_ids", "positions", "intermediate_tensors",
                                                 "inputs_embeds")),
     (_RUNNER, "GPUModelRunner._init_model_kwargs", ("self",)),
+    # Activation steering wraps the decoder layers once the model is loaded (runner.py load_model).
+    (_RUNNER, "GPUModelRunner.load_model", ("self",)),
+    (_CPU_RUNNER, "CPUModelRunner.load_model", ("self",)),
+    (_RUNNER, "GPUModelRunner.get_model", ("self",)),
+    (_CPU_RUNNER, "CPUModelRunner.get_model", ("self",)),
     # ---- runner state the mixins read or write -----------------------------------------------------------
     (_RUNNER, "GPUModelRunner", ("device", "vllm_config", "requests", "input_batch", "sampler", "model",
                                  "kv_caches", "kv_cache_config", "attn_groups", "execute_model_state",
@@ -153,7 +158,29 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.entrypoints.serve.middleware.register", "init_entrypoints_middleware", ("args", "app")),
     # http.py wraps the app builder's reference to it (module global), to add the stats routes.
     ("vllm.entrypoints.launchers.app", "init_entrypoints_middleware", ("args", "app")),
-    ("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc", ("self", "method", "timeout", "args")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc", ("self", "method", "timeout", "args", "kwargs")),
+    # ---- activation steering in the frontend process (frontend.py, http.py) ------------------------------
+    # The salt and fingerprint go on the request process_inputs returns: it carries process_inputs' own clone
+    # of the caller's SamplingParams, and EngineCoreRequest is a mutable msgspec struct. InputProcessor binds
+    # process_inputs_async to self.process_inputs in __init__, so the class attribute is wrapped before the
+    # engine is built (the start-up hook).
+    ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", ("self", "request_id", "prompt",
+                                                                         "params")),
+    ("vllm.v1.engine.input_processor", "InputProcessor", ("vllm_config", "process_inputs_async")),
+    ("vllm.v1.engine", "EngineCoreRequest", ("sampling_params", "cache_salt")),
+    ("vllm.exceptions", "VLLMValidationError", ()),  # what a refused salt becomes (HTTP 400)
+    # The vector-name mirror follows value_steer_vectors answers, offline (LLM.collective_rpc) and served.
+    ("vllm.v1.engine.llm_engine", "LLMEngine.collective_rpc", ("self", "method", "timeout", "args", "kwargs")),
+    ("vllm.config", "ModelConfig.get_num_layers", ("self", "parallel_config")),
+    # A top-level "steering" in these routes' bodies moves into vllm_xargs (http.STEERING_ROUTES): their
+    # request models ignore unknown fields and pass vllm_xargs on as SamplingParams.extra_args (the batch
+    # chat route forwards its extra fields to each ChatCompletionRequest).
+    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest", ("vllm_xargs", "cache_salt")),
+    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest", ("vllm_xargs", "cache_salt")),
+    ("vllm.entrypoints.openai.chat_completion.protocol", "BatchChatCompletionRequest",
+     ("to_chat_completion_request",)),
+    ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest", ("vllm_xargs",)),
+    ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest", ("vllm_xargs",)),
     # ---- start-up (worker.py: the general plugin's hook on the engine config, before and after it is built) --
     ("vllm.plugins", "DEFAULT_PLUGINS_GROUP", ()),  # "vllm.general_plugins": our pyproject entry point's group
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config", ("self",)),

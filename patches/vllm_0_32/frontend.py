@@ -21,9 +21,11 @@ prefix-cache salt and the fingerprint the worker checks.
 - :func:`remember_model`: the model facts (hidden size, decoder layers) the mirror and the validator check
   specs against, taken from the engine config the start-up hook builds.
 
-Where errors go: ``process_inputs`` raises ``RequestArgError`` (a ``ValueError``); vLLM's OpenAI server maps
-a ``ValueError`` escaping a handler to HTTP 400 (``serve/exception_handling``: the ``ValueError`` fallback
-handler, ``create_error_response``), offline ``LLM.generate`` raises it to the caller.
+Where errors go: the wrapped ``process_inputs`` raises ``VLLMValidationError`` with the ``RequestArgError``'s
+message, as vLLM does for a validator's ``ValueError`` (``validate_logits_processors_parameters``). The OpenAI
+server answers it with HTTP 400 (``serve/exception_handling``: the ``VLLMError`` handler,
+``create_error_response``: ``VLLMValidationError`` -> ``BadRequestError``), for a streamed response as an
+error event; offline ``LLM.generate`` raises it to the caller.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ from typing import Any
 
 from value_steer.core.config import STEERING_KEY, RequestArgError, parse_request_args
 from value_steer.core.steering_spec import InlineVector, SteeringSpec, VectorRef, fingerprint
-from value_steer.patches.vllm_0_32.api import _TYPE_CHECK_ONLY, _api_config
+from value_steer.patches.vllm_0_32.api import (
+    _TYPE_CHECK_ONLY,
+    _api_config,
+    is_request_validator,
+    set_steering_context,
+)
 
 logger = logging.getLogger("value_steer")
 
@@ -330,32 +337,38 @@ def _observe_rpc(method: Any, args: tuple, kwargs: Mapping[str, Any] | None, res
 
 
 def _steers(processor: Any) -> bool:
-    # Only engines that run value_steer's worker: another engine in the process may use "steering" in its
-    # extra_args for something else.
-    from value_steer.patches.vllm_0_32.worker import has_request_validator
-
-    return has_request_validator(processor.vllm_config)
+    # Only engines that run value_steer's worker (the start-up hook gave them the request validator):
+    # another engine in the process may use "steering" in its extra_args for something else.
+    return any(is_request_validator(p) for p in (processor.vllm_config.model_config.logits_processors or ()))
 
 
 def install_frontend_hooks() -> None:
     """Wrap ``InputProcessor.process_inputs`` (cache salt, fingerprint) and ``LLMEngine.collective_rpc`` /
-    ``AsyncLLM.collective_rpc`` (the vector mirror follows registrations), once per process.
+    ``AsyncLLM.collective_rpc`` (the vector mirror follows registrations), once per process; give the
+    request validator the model facts and the mirror (``api.set_steering_context``).
 
     Must run before the engine's ``InputProcessor`` is built: its ``process_inputs_async`` is bound to
     ``self.process_inputs`` in ``__init__`` (the start-up hook runs before vLLM builds the engine).
     """
+    from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.engine.llm_engine import LLMEngine
+
+    set_steering_context(steering_parse_kwargs)
 
     original = InputProcessor.process_inputs
     if not getattr(original, "_value_steer_salt", False):
 
         @functools.wraps(original)
         def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
-            request = original(self, *args, **kwargs)  # validates: a bad spec is a RequestArgError already
+            request = original(self, *args, **kwargs)  # runs the validator: a bad spec has been refused
             if _steers(self):
-                salt_request(request)
+                try:
+                    salt_request(request)
+                except RequestArgError as exc:
+                    # vLLM's own class for a refused request (its validators' ValueErrors become one too).
+                    raise VLLMValidationError(str(exc)) from exc
             return request
 
         process_inputs._value_steer_salt = True  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from value_steer.core.config import RequestArgError, parse_request_args, vfd_uns
 from value_steer.core.modes import MODE_ABSTAIN, MODE_VFD
 from value_steer.patches.vllm_0_32.activation import wrap_decoder_layers
 from value_steer.patches.vllm_0_32.api import refused_sampling_params
+from value_steer.patches.vllm_0_32.frontend import FINGERPRINT_KEY
 
 logger = logging.getLogger("value_steer")
 
@@ -71,8 +72,16 @@ class SteeringRunnerMixin:
                         error = (f"vfd cannot steer a request with {reason}; send value_steer=false to serve "
                                  "it unsteered")
                     else:
+                        args = sp.extra_args or {}
+                        salted = args.get(FINGERPRINT_KEY)
+                        if args.get("steering") is not None and salted is None:
+                            # The frontend salts every steering request's prefix cache; one that was not
+                            # salted could share KV blocks with unsteered requests.
+                            raise RequestArgError("steering: the request reached the engine without its "
+                                                  "prefix-cache salt (is value_steer's vLLM plugin loaded in "
+                                                  "the frontend process? check VLLM_PLUGINS)")
                         st.add_request(new.req_id, sp.extra_args, sp.eos_token_id, sp.ignore_eos, sp.min_tokens,
-                                       sp.logprobs is not None)
+                                       sp.logprobs is not None, expected_fingerprint=salted)
                         continue
                 except RequestArgError as exc:
                     error = str(exc)

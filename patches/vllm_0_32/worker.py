@@ -163,6 +163,12 @@ def install_startup_hook(worker_paths: Collection[str]) -> None:
         cfg = prepare_engine_args(self)
         vllm_config = original(self, *args, **kwargs)
         check_engine_config(vllm_config, cfg)
+        # Every frontend process (API server, offline LLM), before vLLM builds its InputProcessor: steering
+        # requests get their prefix-cache salt and fingerprint; the validator learns the model's sizes.
+        from value_steer.patches.vllm_0_32.frontend import install_frontend_hooks, remember_model
+
+        remember_model(vllm_config)
+        install_frontend_hooks()
         # Only an API server process has imported vLLM's app builder; offline engines have no routes.
         if "vllm.entrypoints.launchers.app" in sys.modules:
             from value_steer.patches.vllm_0_32.http import install_routes

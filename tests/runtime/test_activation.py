@@ -27,7 +27,6 @@ from value_steer.runtime.activation import (
     BankFullError,
     VectorBank,
     VectorBankError,
-    VectorInUseError,
 )
 
 H, L, R, M = 8, 4, 6, 4
@@ -95,8 +94,13 @@ def test_refcounts_delete_and_replace():
     bank = _bank(max_vectors=3)
     old = bank.register("calm", _vec(0))
     slot = bank.acquire(old.content_hash)  # a running request holds calm
-    with pytest.raises(VectorInUseError, match=r"'calm' is in use by running requests \(1 reference"):
-        bank.delete("calm")
+    held = bank.register("held", _vec(5))
+    hslot = bank.acquire(held.content_hash)
+    assert bank.delete("held") == 1  # the name goes; the running request keeps the content
+    assert bank.lookup("held") is None and not bank.resolve("held")
+    assert bank.usage()["slots_used"] == 2 and torch.equal(bank._host[hslot], _vec(5))
+    bank.release(held.content_hash)
+    assert bank.usage()["slots_used"] == 1
     # Replacing the data makes a new vector; the request keeps the old content in its slot.
     new = bank.register("calm", _vec(1))
     assert new.content_hash != old.content_hash and new.slots != (slot,)
@@ -190,15 +194,14 @@ def test_tables_match_the_spec():
     assert gs.tolist() == [-1, -1, probe, -1, -1, -1] and thr[2].item() == 0.5 and sharp[2].item() == 3.0
     assert (t.gate_tables(1)[0] == -1).all() and (t.gate_tables(3)[0] == -1).all()
     assert t.layer_use.tolist() == [0, 1, 0, 1] and t.gate_use.tolist() == [0, 0, 1, 0] and t.active
-    # The request holds its vectors: deleting one is refused until the request is removed.
-    with pytest.raises(VectorInUseError):
-        bank.delete("calm")
-    assert bank.usage()["inline_slots"] == 1
+    # The request holds its vectors: deleting one leaves its content in place until the request is removed.
+    assert bank.delete("calm") == 2  # two of its ops use calm
+    assert torch.equal(bank._host[calm], _vec(0)) and bank.usage()["inline_slots"] == 2
     t.remove_request(2)
     t.flush()
     assert not t.op_tables(1)[0].any() and not t.op_tables(3)[0].any() and (t.gate_tables(2)[0] == -1).all()
     assert bank.usage()["inline_slots"] == 0 and not t.active and t.layer_use.sum() == 0
-    bank.delete("calm")
+    assert bank.usage()["slots_used"] == L + 1  # per_layer's rows and probe; calm's slot is free
     t.remove_request(2)  # idempotent
 
 

@@ -41,10 +41,6 @@ class BankFullError(VectorBankError):
     """No free slot: the message names ``max_vectors`` (``steering.max_vectors``)."""
 
 
-class VectorInUseError(VectorBankError):
-    """``delete`` of a vector that running requests still use."""
-
-
 def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # Pinned host memory makes the host->device copies truly asynchronous on CUDA.
     return t.pin_memory() if device.type == "cuda" else t
@@ -230,19 +226,23 @@ class VectorBank:
             raise VectorBankError(f"unknown vector {ref!r}")
         return info.content_hash
 
-    def delete(self, name: str) -> None:
-        """Remove a name. Refused (:class:`VectorInUseError`) while a running request uses its content."""
+    def delete(self, name: str) -> int:
+        """Remove a name; returns how many running-request references still hold its content.
+
+        The name is gone at once (new requests naming it are refused); the slot is freed now when nothing else
+        holds it, else when the last running request using it finishes (running requests keep their vector,
+        as they keep an old one when a name is re-registered). Deleting is never refused for use: the worker
+        learns that a request finished only with the next scheduled step, so a client that deletes right after
+        its last request completed would otherwise race that step.
+        """
         with self._lock:
             info = self._names.get(name)
             if info is None:
                 raise VectorBankError(f"unknown vector {name!r}")
             users = sum(self._slots[h].users for h in dict.fromkeys(info.row_hashes))
-            if users:
-                raise VectorInUseError(
-                    f"vector {name!r} is in use by running requests ({users} reference(s)); delete it when they finish"
-                )
             del self._names[name]
             self._drop_name(info)
+            return users
 
     def list(self) -> list[dict[str, Any]]:
         """Every named entry: ``name``, ``hash``, ``shape``, ``norms`` (per row), ``slots``, ``in_use``

@@ -19,7 +19,7 @@ import torch
 from value_steer.core.config import SteerConfig, parse_additional_config
 from value_steer.core.modes import MODE_OFF
 from value_steer.patches import get_adapter
-from value_steer.runtime.activation import BankFullError, VectorBankError, VectorInUseError
+from value_steer.runtime.activation import BankFullError, VectorBankError
 from value_steer.runtime.capture import CaptureWriter
 from value_steer.runtime.state import SteeringState
 
@@ -87,8 +87,9 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             action: ``"list"``, ``"register"`` (``name``, ``data``: ``[H]`` or ``[num_layers][H]`` floats),
                 ``"delete"`` (``name``) or ``"hashes"`` (name -> content hash, for the frontend's cache salts).
         Returns:
-            The answer, or ``{"error": message, "status": 400 | 404 | 409}`` (unknown name on delete: 404; in
-            use or bank full: 409; bad input or no ``steering`` section: 400).
+            The answer, or ``{"error": message, "status": 400 | 404 | 409}`` (unknown name on delete: 404; bank
+            full: 409; bad input or no ``steering`` section: 400). A delete while running requests use the vector
+            succeeds: they keep it, and its slot is freed when they finish.
         """
         state: SteeringState = self.model_runner._vs_state
         act = state.activation
@@ -110,9 +111,10 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             if action == "delete":
                 if name is None or bank.lookup(name) is None:
                     return {"error": f"name: unknown steering vector {name!r}", "status": 404}
-                bank.delete(name)
-                return {"deleted": name}
-        except (BankFullError, VectorInUseError) as exc:
+                held = bank.delete(name)
+                # held > 0: running requests keep the vector; its slot is freed when they finish.
+                return {"deleted": name, "held_by_running_requests": held}
+        except BankFullError as exc:
             return {"error": str(exc), "status": 409}
         except VectorBankError as exc:
             return {"error": str(exc), "status": 400}
