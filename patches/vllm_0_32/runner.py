@@ -143,8 +143,12 @@ class SteeringRunnerMixin:
         if self._vs_state is not None:
             self._vs_sync_requests(scheduler_output)
         out = super().execute_model(scheduler_output, intermediate_tensors)  # type: ignore[misc]
-        if self._vs_state is not None and self._vs_state.activation is not None:
+        act = self._vs_state.activation if self._vs_state is not None else None
+        if act is not None and act.active:
+            if act.gate_use.any():
+                act.record_gates()
             self._vs_capture_layers()
+            act.end_forward()
         state = getattr(self, "execute_model_state", None)
         self._vs_step = None
         if self._vs_state is not None and state is not None and state.sample_hidden_states is not None:

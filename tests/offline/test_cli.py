@@ -3,6 +3,7 @@ committed head on the real SmolLM2 model."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -107,3 +108,11 @@ def test_serve_answers_with_the_committed_head(tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_serve_argv_adds_the_steering_section():
+    argv = serve_argv("/m", "/h.safetensors", "vfd", 4, "127.0.0.1", 8000, None, [], {"vectors": "/v"})
+    cfg = json.loads(argv[argv.index("--additional-config") + 1])
+    assert cfg["steering"] == {"vectors": "/v"} and cfg["vfd"]["num_candidates"] == 4
+    assert build_parser().parse_args(["serve"]).steering is True
+    assert build_parser().parse_args(["serve", "--no-steering"]).steering is False

@@ -91,6 +91,18 @@ def test_nonzero_add_changes_tokens(llm, base):
     assert opened == _gen(llm, PROMPTS, _sp(Steering([add(1, _vec(3), 40.0, tokens="decode")])))
 
 
+def test_gate_telemetry_in_the_stats(llm):
+    probe = _vec(2)
+    specs = {"open": Steering([add(1, _vec(3), 1.0, tokens="decode")], gate=gate(0, probe, -1e6, 1.0)),
+             "closed": Steering([add(1, _vec(3), 1.0, tokens="decode")], gate=gate(0, probe, 1e6, 1.0))}
+    outs = llm.generate(PROMPTS[:2], [_sp(specs["open"]), _sp(specs["closed"])], use_tqdm=False)
+    got = [llm.collective_rpc("value_steer_stats", args=(o.request_id,))[0]["stats"]["activation_steering"]
+           for o in outs]
+    # Decode tokens forwarded: N_TOKENS - 1 (the last sampled token is never forwarded).
+    assert got[0] == {"ops": 1, "gated": True, "gate_tokens": N_TOKENS - 1, "gate_open_rate": 1.0}
+    assert got[1] == {"ops": 1, "gated": True, "gate_tokens": N_TOKENS - 1, "gate_open_rate": 0.0}
+
+
 def test_mixed_batch_rows_match_running_alone(llm, base):
     spec_a = Steering([add(1, _vec(4), 40.0)])
     spec_b = Steering([ablate(0, _vec(5), 0.0), cap(1, _vec(6), -0.5, 0.5)])

@@ -44,7 +44,7 @@ def test_activation_rows_are_their_own(tmp_path):
     st.update_batch(["c", "b", "a"])
     assert st.slot_act_row[:3].tolist() == [2, 0, 1]
     info = st.stats_for("a")
-    assert info["activation_steering"] == {"ops": 1, "gated": False}
+    assert info["activation_steering"] == {"ops": 1, "gated": False, "gate_tokens": 0, "gate_open_rate": None}
     assert st.stats_for("b")["activation_steering"] is None
     st.finish_request("a")
     st.finish_request("c")
@@ -89,3 +89,32 @@ def test_capture_layers(tmp_path):
         _state(tmp_path).add_request("c", {"capture_layers": [0]}, 2, False)  # no capture section
     st.finish_request("a")
     assert not st.activation.capture_use.any()
+
+
+def test_gate_telemetry(tmp_path):
+    st = _state(tmp_path)
+    act = st.activation
+    probe = np.random.RandomState(9).randn(H).tolist()
+    spec = {"ops": [{"layer": 1, "op": "add", "vector": probe}], "gate": {"layer": 1, "probe": probe}}
+    g = st.add_request("g", {"steering": spec}, 2, False)
+    u = st.add_request("u", {"steering": _spec(1)}, 2, False)
+    st.update_batch(["g", "u"])
+    st.flush()
+    # A forward: g has 2 prompt tokens then 2 decode tokens; u one decode token. Gate values as the op wrote them.
+    act.stage_tokens(st.slot_act_row[:2], np.array([4, 1]), np.array([0, 5]), np.array([2, 3]))
+    act.publish_tokens()
+    act.gate[:5] = torch.tensor([0.9, 0.9, 0.7, 0.2, 0.99])
+    act.record_gates()
+    act.end_forward()
+    act.record_gates()  # nothing staged: no double count
+    assert st.stats_for("g")["activation_steering"] == {"ops": 1, "gated": True, "gate_tokens": 2,
+                                                         "gate_open_rate": 0.5}
+    assert st.stats_for("u")["activation_steering"]["gate_tokens"] == 0
+    st.finish_request("g")
+    assert st.stats_for("g")["activation_steering"]["gate_open_rate"] == 0.5
+    # A new request on the same row starts from zero.
+    g2 = st.add_request("g2", {"steering": spec}, 2, False)
+    assert g2.act_row == g.act_row
+    st.flush()
+    assert st.stats_for("g2")["activation_steering"]["gate_tokens"] == 0
+    assert u.act_row != g.act_row

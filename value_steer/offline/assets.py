@@ -27,6 +27,11 @@ def default_head_path() -> Path:
     return Path(str(resources.files("value_steer") / "data" / "heads" / DEFAULT_HEAD))
 
 
+def default_vectors_dir() -> Path:
+    """The committed steering vectors (``make serve`` preloads them; each ``<name>.safetensors``)."""
+    return Path(str(resources.files("value_steer") / "data" / "vectors"))
+
+
 def vllm_cpu_env(use: str = "test", *, in_process: bool = True) -> dict[str, str]:
     """The environment vLLM 0.32 needs on these CPU machines (offline, all cores, no usage stats).
 

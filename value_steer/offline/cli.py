@@ -8,6 +8,7 @@ Subcommands:
   train            train a value head on a labelled capture (focal + TD; validation AUROC per epoch)
   calibrate        split-conformal threshold from a labelled calibration capture, into the head's sidecar
   eval             base vs VFD vs abstention on held-out prompts -> docs/evaluation.md + plots
+  vectors          activation vectors and a calibrated gate probe from captured residual streams
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from value_steer.offline.assets import default_head_path, vllm_cpu_env
+from value_steer.offline.assets import default_head_path, default_vectors_dir, vllm_cpu_env
 from value_steer.serving import WORKER_CLS
 
 
@@ -35,20 +36,24 @@ def vfd_operating_threshold(head: str) -> float | None:
 
 
 def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str, port: int,
-               threshold: float | None, extra: list[str]) -> list[str]:
+               threshold: float | None, extra: list[str], steering: dict | None = None) -> list[str]:
     """``vllm serve`` arguments: the model is served under its folder's name (``SmolLM2-135M-Instruct`` for
-    the default), not its path, unless ``extra`` names one (``--served-model-name``)."""
+    the default), not its path, unless ``extra`` names one (``--served-model-name``). ``steering``: the
+    activation-steering section (None: none)."""
     section: dict = {"value_head_path": head}
     if mode == "vfd":
         section["num_candidates"] = num_candidates
     if threshold is not None:
         section["threshold"] = threshold
+    config: dict = {mode: section}
+    if steering is not None:
+        config["steering"] = steering
     named = any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in extra)
     name = [] if named else ["--served-model-name", Path(model).name]
     return [
         "serve", model, *name,
         "--worker-cls", WORKER_CLS,
-        "--additional-config", json.dumps({mode: section}),
+        "--additional-config", json.dumps(config),
         "--host", host, "--port", str(port),
         # Block size 32 (the CPU backend's smallest) keeps VFD's K * max-num-seqs scratch blocks small.
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "64",
@@ -68,7 +73,13 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     threshold = args.threshold
     if threshold is None and args.mode == "vfd":
         threshold = vfd_operating_threshold(head)
-    argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, threshold, extra)
+    steering = None
+    if args.steering:
+        vectors = default_vectors_dir()
+        has_vectors = vectors.is_dir() and any(vectors.glob("*.safetensors"))
+        steering = {"vectors": str(vectors)} if has_vectors else {}
+    argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, threshold, extra,
+                      steering)
     env = {**vllm_cpu_env("serve", in_process=False), **os.environ}
     print("value-steer serve: python -m value_steer.serving.launcher " + " ".join(argv), flush=True)
     os.execvpe(sys.executable, [sys.executable, "-m", "value_steer.serving.launcher", *argv], env)
@@ -113,6 +124,12 @@ def cmd_calibrate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_vectors(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.vectors import main as vectors_main
+
+    return vectors_main(extra)
+
+
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from value_steer.offline.evaluate import main as eval_main
 
@@ -137,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: vfd: the sidecar's recorded VFD operating point, else its conformal threshold")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--steering", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation steering (a 'steering' section with the committed vectors; default on)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("capture", help="decode-matched capture of a prompt split, labelled by VADER")
@@ -165,13 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluation report (extra args: see value-steer eval --help)", add_help=False)
     e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("vectors", help="steering vectors and a gate probe (extra args: value-steer vectors --help)",
+                       add_help=False)
+    v.set_defaults(func=cmd_vectors)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
-    if extra and args.command not in ("serve", "eval"):
+    if extra and args.command not in ("serve", "eval", "vectors"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args, extra) or 0)
 

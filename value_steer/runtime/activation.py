@@ -419,6 +419,12 @@ class ActivationTables:
         self.capture_buf = (torch.zeros((n_layers, max_tokens, bank.hidden_size), dtype=torch.float32,
                                         device=self.device) if capture else None)
         self.capture_use = np.zeros(n_layers, dtype=np.int64)  # live rows capturing each layer
+        # Gate telemetry per row, accumulated on the device (no host sync): decode tokens of gated rows seen in
+        # the main forward, and how many of them had the gate open (g >= 0.5). Reset when a row is admitted.
+        self.gate_tokens = torch.zeros(num_rows, dtype=torch.float64, device=self.device)
+        self.gate_open = torch.zeros(num_rows, dtype=torch.float64, device=self.device)
+        self._gate_reset: list[int] = []
+        self._main_tokens = 0  # tokens of the staged forward that belong to the scheduled requests
         self._capture_tokens: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._rows: dict[int, _RowRecord] = {}
         self.layer_use = np.zeros(n_layers, dtype=np.int64)  # live rows editing each layer
@@ -545,6 +551,7 @@ class ActivationTables:
             self.layer_use[layer] += 1
             self._mark(self._op_dirty, layer)
         if g is not None:
+            self._gate_reset.append(row)
             hm["gate_slot"][g.layer, row] = slots[len(spec.ops)]
             hm["gate_threshold"][row] = g.threshold
             hm["gate_sharpness"][row] = g.sharpness
@@ -600,7 +607,35 @@ class ActivationTables:
         if self._gate_params_dirty:
             copies += self._copy("gate_threshold", slice(None)) + self._copy("gate_sharpness", slice(None))
             self._gate_params_dirty = False
+        if self._gate_reset:
+            idx = torch.tensor(self._gate_reset, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.gate_tokens.index_fill_(0, idx, 0.0)
+            self.gate_open.index_fill_(0, idx, 0.0)
+            self._gate_reset.clear()
+            copies += 1
         return copies
+
+    def record_gates(self) -> None:
+        """After the main forward: count, per gated row, its decode tokens and those whose gate was open
+        (device ops only; the per-token buffers and the gate values the ops used). Call only when
+        ``gate_use.any()``."""
+        t = self._main_tokens
+        if not t:
+            return
+        rows = self.token_row[:t].long()
+        gated = (self.dev["gate_slot"] >= 0).any(dim=0)  # [R] rows with a gate at some layer
+        mask = (self.token_decode[:t] != 0) & gated.index_select(0, rows)
+        self.gate_tokens.index_add_(0, rows, mask.double())
+        self.gate_open.index_add_(0, rows, (mask & (self.gate[:t] >= 0.5)).double())
+
+    def end_forward(self) -> None:
+        """Forget the staged forward's bookkeeping (the runner calls it after the step's forward)."""
+        self._main_tokens = 0
+        self._capture_tokens = None
+
+    def gate_counts(self, row: int) -> torch.Tensor:
+        """``[2]`` fp64 device tensor (decode tokens seen, tokens with the gate open) of ``row`` (a copy)."""
+        return torch.stack([self.gate_tokens[row], self.gate_open[row]])
 
     def _copy(self, col: str, sl: slice) -> int:
         dst, src = self.dev[col][sl], self._host_t[col][sl]
@@ -639,6 +674,7 @@ class ActivationTables:
         first_decode = starts + np.clip(np.asarray(num_prompt, dtype=np.int64) - np.asarray(num_computed), 0, ns)
         self._host_decode[:t] = self._arange[:t] >= np.repeat(first_decode, ns)
         self._staged = t
+        self._main_tokens = t
         self._capture_tokens = None
         if self.capture_use.any():
             # Which of this forward's tokens capture: (token index, request index, position), for the runner

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -203,6 +203,8 @@ class SteeringState:
             snap = self.stats.empty_row
         if state.act_row:
             assert self.activation is not None
+            if state.info.activation_gated:
+                state.info.gate_counts = self.activation.gate_counts(state.act_row)
             self.activation.remove_request(state.act_row)
             self._free_act_rows.append(state.act_row)
         with self._lock:
@@ -218,7 +220,10 @@ class SteeringState:
             self.activation.flush()
 
     def _live_stats(self, state: RequestState) -> tuple[torch.Tensor, RequestInfo]:
-        return (self.stats.table[state.row] if state.row else self.stats.empty_row, state.info)
+        info = state.info
+        if state.act_row and info.activation_gated and self.activation is not None:
+            info = replace(info, gate_counts=self.activation.gate_counts(state.act_row))
+        return (self.stats.table[state.row] if state.row else self.stats.empty_row, info)
 
     def stats_for(self, req_id: str, matches: Callable[[str, str], bool] | None = None) -> dict[str, Any] | None:
         """Stats of a live or recently finished request (reads the device; for the stats route only).

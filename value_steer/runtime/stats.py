@@ -30,6 +30,7 @@ class RequestInfo:
     error: str | None = None
     activation_ops: int = 0  # activation-steering ops of the request's spec (0: none)
     activation_gated: bool = False
+    gate_counts: Any = None  # finished gated requests: [2] fp64 device tensor (gate tokens, gate open)
 
 
 @dataclass
@@ -105,9 +106,20 @@ class DeviceStats:
             "last_value": last if seen else None,
             "max_value": mx if seen else None,
             "error": info.error,
-            "activation_steering": ({"ops": info.activation_ops, "gated": info.activation_gated}
-                                    if info.activation_ops else None),
+            "activation_steering": DeviceStats._activation(info),
         }
+
+    @staticmethod
+    def _activation(info: RequestInfo) -> dict[str, Any] | None:
+        if not info.activation_ops:
+            return None
+        out: dict[str, Any] = {"ops": info.activation_ops, "gated": info.activation_gated,
+                               "gate_tokens": 0, "gate_open_rate": None}
+        if info.gate_counts is not None:
+            tokens, opened = info.gate_counts.tolist()
+            out["gate_tokens"] = int(tokens)
+            out["gate_open_rate"] = opened / tokens if tokens else None
+        return out
 
     def totals_dict(self) -> dict[str, int]:
         tokens, interv, forced = self.totals.tolist()
