@@ -10,6 +10,7 @@ GPU goals from the issue (checked in the "met" column on GPU only):
   score_and_select  >= 3x the torch composite (vfd_select + force_eos + gathers)
   copy_kv_slots     32 layers in one launch: >= 5x a per-layer torch loop
   steer_activations / steer_gate: no goal set (timed against a per-request torch loop)
+  logit_steer       no goal set (timed against a per-request torch loop; memory bound on the logits)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_kv
+import bench_logit_steer
 import bench_score_and_select
 import bench_steer_activations
 import bench_value_head
@@ -85,6 +87,7 @@ def main() -> None:
     t0 = time.time()
     rows = bench_value_head.run(dev) + bench_score_and_select.run(dev) + bench_kv.run(dev)
     rows += bench_steer_activations.run(dev)
+    rows += bench_logit_steer.run(dev)
     elapsed = time.time() - t0
     impl = "Triton kernels" if dev.type == "cuda" else (
         "C++ extension value_steer._C" if value_steer.has_extension() else "torch reference (value_steer._C NOT built)"

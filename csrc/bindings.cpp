@@ -5,7 +5,7 @@
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "value_steer CPU kernels (value head, score_and_select, paged-KV writes, activation steering)";
+  m.doc() = "value_steer CPU kernels (value head, score_and_select, paged-KV writes, activation and logit steering)";
   m.def("value_head", &value_steer::value_head, "Fused value-head MLP: x [M, H] -> p [M] fp32", py::arg("x"),
         py::arg("w0"), py::arg("b0"), py::arg("w2"), py::arg("b2"), py::arg("w4"), py::arg("b4"));
   m.def("score_and_select", &value_steer::score_and_select, "Per-row VFD/abstain decision and winner gathers",
@@ -21,6 +21,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("steer_gate", &value_steer::steer_gate, "Per-token steering gate, written into gate_out", py::arg("hidden"),
         py::arg("residual"), py::arg("token_row"), py::arg("bank"), py::arg("gate_slot"), py::arg("gate_threshold"),
         py::arg("gate_sharpness"), py::arg("gate_out"));
+  m.def("logit_steer", &value_steer::logit_steer, "Generative logit steering over a batch of logit rows",
+        py::arg("hidden"), py::arg("logits"), py::arg("row_idx"), py::arg("row_strength"), py::arg("w_down"),
+        py::arg("pos"), py::arg("w_up"), py::arg("gate_w1"), py::arg("gate_b1"), py::arg("gate_w2"),
+        py::arg("gate_b2"), py::arg("max_strength"));
   m.def("copy_kv_slots", &value_steer::copy_kv_slots, "Copy slot -> slot in every cache view", py::arg("caches"),
         py::arg("src_slots"), py::arg("dst_slots"));
 }

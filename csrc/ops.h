@@ -49,4 +49,15 @@ void steer_gate(const at::Tensor& hidden, const at::Tensor& residual, const at::
                 const at::Tensor& bank, const at::Tensor& gate_slot, const at::Tensor& gate_threshold,
                 const at::Tensor& gate_sharpness, at::Tensor gate_out);
 
+// Generative logit steering over a batch of logit rows (value_steer/kernels/logit_steer.py). hidden [B, H] and
+// logits [B, V'] fp32/bf16/fp16; row_idx [B_max >= B] int32; row_strength [N] fp32; w_down [R, H], pos [H],
+// w_up [V <= V', R] (any strides), gate_w1 [G, H], gate_b1 [G], gate_w2 [G], gate_b2 [1] fp32. Returns
+// (logits' [B, V'] contiguous, gate_strength [B] fp32); untouched rows (row 0 or strength 0) are bytewise copies.
+std::tuple<at::Tensor, at::Tensor> logit_steer(const at::Tensor& hidden, const at::Tensor& logits,
+                                               const at::Tensor& row_idx, const at::Tensor& row_strength,
+                                               const at::Tensor& w_down, const at::Tensor& pos, const at::Tensor& w_up,
+                                               const at::Tensor& gate_w1, const at::Tensor& gate_b1,
+                                               const at::Tensor& gate_w2, const at::Tensor& gate_b2,
+                                               double max_strength);
+
 }  // namespace value_steer

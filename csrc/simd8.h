@@ -1,4 +1,4 @@
-// 8-float vector helpers shared by the C++ CPU ops (value_head.cpp, steer_activations.cpp).
+// 8-float vector helpers shared by the C++ CPU ops (value_head.cpp, steer_activations.cpp, logit_steer.cpp).
 //
 // GCC/Clang vector extensions: one ymm op in an AVX2 clone, two xmm ops in the baseline one. Ops are
 // elementwise mul then add (never fused), so every clone rounds alike. Kernels that want both builds are
@@ -54,6 +54,38 @@ VS_INLINE v8f load8(const c10::Half* p) {
   float tmp[8];
   for (int j = 0; j < 8; ++j) tmp[j] = static_cast<float>(p[j]);
   return load8(tmp);
+}
+
+VS_INLINE v8f splat(float c) { return v8f{c, c, c, c, c, c, c, c}; }
+VS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+// Round to nearest even, NaN -> 0x7FC0: the same bits as c10::BFloat16(float).
+VS_INLINE void store8(c10::BFloat16* p, v8f v) {
+  v8u u;
+  std::memcpy(&u, &v, sizeof(u));
+  const v8u rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const v8u nan = (v8u)(v != v);  // all ones where v is NaN
+  const v8u bits = (nan & 0x7FC0u) | (~nan & rounded);
+  const v8h h = __builtin_convertvector(bits, v8h);
+  std::memcpy(p, &h, sizeof(h));
+}
+VS_INLINE void store8(c10::Half* p, v8f v) {
+  float tmp[8];
+  store8(tmp, v);
+  for (int j = 0; j < 8; ++j) p[j] = static_cast<c10::Half>(tmp[j]);
+}
+
+VS_INLINE float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// a . b over 8 interleaved lanes, then the tail: a fixed order.
+VS_INLINE float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  v8f acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return hsum(acc) + tail;
 }
 
 }  // namespace simd8

@@ -13,6 +13,9 @@ dispatch and the ``torch.library`` registration (with its fake) live together:
   the per-row op tables, prompt/decode filters, gated ops, fused residual), one launch over all tokens;
   untouched tokens are bitwise copies. ``steer_gate``: the per-token gate at the gate layer, in place.
   Design: ``docs/activation-steering.md``.
+- ``logit_steer``: generative logit steering (GenSteer / CALM) over a batch of logit rows: a low-rank generator
+  of the final hidden state, gated, added to each row's logits by its request's strength from a per-row table;
+  untouched rows are bitwise copies. Design: ``docs/logit-steering.md``.
 - ``capture_stream``: the residual stream of capturing tokens at one layer into a persistent buffer (a
   masked copy; one torch implementation for every device).
 
@@ -21,6 +24,12 @@ Triton. Set ``TRITON_INTERPRET=1`` *before* importing to run the Triton launcher
 """
 
 from value_steer.kernels.capture_stream import capture_stream, capture_stream_reference
+from value_steer.kernels.logit_steer import (
+    logit_steer,
+    logit_steer_reference,
+    logit_steer_triton,
+    prepare_logit_steer_weights,
+)
 from value_steer.kernels.score_and_select import (
     ScoreOutputs,
     score_and_select,
@@ -59,6 +68,10 @@ __all__ = [
     "copy_kv_slots_reference",
     "copy_kv_slots_triton",
     "kv_pointer_table",
+    "logit_steer",
+    "logit_steer_reference",
+    "logit_steer_triton",
+    "prepare_logit_steer_weights",
     "prepare_value_head_weights",
     "score_and_select",
     "score_and_select_reference",

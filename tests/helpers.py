@@ -12,7 +12,12 @@ from value_steer.offline.compat import write_constant_head
 
 TINY_HIDDEN = 64
 
-__all__ = ["TINY_HIDDEN", "make_llm", "wait_healthy", "write_constant_head", "write_random_head"]
+__all__ = ["BOOST_TOKEN", "TINY_HIDDEN", "TINY_VOCAB", "make_llm", "wait_healthy", "write_constant_head",
+           "write_planted_generator", "write_random_head"]
+
+TINY_VOCAB = 512
+# The token the planted logit generator boosts (not a special token: ids 0-3 are pad, bos, eos, unk).
+BOOST_TOKEN = 300
 
 
 def write_random_head(path: Path, hidden_size: int, seed: int = 0, threshold: float | None = 0.5) -> str:
@@ -25,6 +30,35 @@ def write_random_head(path: Path, hidden_size: int, seed: int = 0, threshold: fl
     with torch.no_grad():
         head[4].weight.mul_(20.0)
     save_value_head(str(path), head, threshold=threshold, meta={"planted": f"random seed {seed}"})
+    return str(path)
+
+
+def write_planted_generator(path: Path, hidden_size: int = TINY_HIDDEN, vocab_size: int = TINY_VOCAB,
+                            token: int = BOOST_TOKEN, seed: int = 0) -> str:
+    """A logit-steering generator whose effect a test can predict, rank 2, ``max_strength`` 2:
+
+    - component 0 boosts ``token``: ``z_0 = h_0 + 50`` (``W_down[0] = e_0``, ``pos[0] = 50``), ``W_up[token, 0] = 1``,
+      so ``token`` gains ``s * strength(h) * (h_0 + 50)``: about ``50 s`` (``token`` wins everywhere at ``s = 4``,
+      only where the model's own logits are close at ``s ~ 0.02`` on the tiny test model);
+    - component 1 is a small random direction of ``h`` (so ``v`` depends on the state);
+    - the gate varies with ``h`` around ``max_strength / 2``.
+    """
+    from value_steer.core.logit_steer import LogitSteerGenerator, save_logit_steer
+
+    torch.manual_seed(seed)
+    gen = LogitSteerGenerator(hidden_size, vocab_size, rank=2, gate_hidden=4, max_strength=2.0)
+    with torch.no_grad():
+        gen.w_down.zero_()
+        gen.w_down[0, 0] = 1.0
+        gen.w_down[1, 1:] = torch.randn(hidden_size - 1) / hidden_size**0.5
+        gen.pos.zero_()
+        gen.pos[0] = 50.0
+        gen.w_up.zero_()
+        gen.w_up[token, 0] = 1.0
+        gen.w_up[:, 1] = torch.randn(vocab_size) * 0.05
+        gen.gate_w1.mul_(2.0)
+        gen.gate_w2.copy_(torch.randn(4))
+    save_logit_steer(str(path), gen, training={"planted": f"boosts token {token}"})
     return str(path)
 
 

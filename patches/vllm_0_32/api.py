@@ -18,6 +18,7 @@ import torch
 from value_steer.core.config import (
     MAX_NUM_CANDIDATES,
     STEERING_KEY,
+    LogitSteeringConfig,
     RequestArgError,
     SteerConfig,
     parse_additional_config,
@@ -147,7 +148,8 @@ def refused_sampling_params(sampling_params: Any) -> Any | None:
 
 _API_CONFIG: tuple[str, SteerConfig | None] | None = None
 # Without the server config (VALUE_STEER_CONFIG unset), requests are checked for types and ranges only.
-_TYPE_CHECK_ONLY = SteerConfig(mode=MODE_VFD, value_head_path=None, num_candidates=MAX_NUM_CANDIDATES)
+_TYPE_CHECK_ONLY = SteerConfig(mode=MODE_VFD, value_head_path=None, num_candidates=MAX_NUM_CANDIDATES,
+                               logit_steering=LogitSteeringConfig(checkpoint=""))
 
 
 def _api_config() -> SteerConfig | None:

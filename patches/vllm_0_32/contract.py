@@ -42,6 +42,7 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.config", "VllmConfig", ("additional_config", "model_config", "scheduler_config", "parallel_config",
                                    "speculative_config", "compilation_config", "use_v2_model_runner")),
     ("vllm.config", "ModelConfig.get_hidden_size", ("self",)),
+    ("vllm.config", "ModelConfig.get_vocab_size", ("self",)),
     ("vllm.config", "ModelConfig", ("seed", "logits_processors")),
     ("vllm.config", "SchedulerConfig", ("max_num_seqs", "max_num_batched_tokens", "async_scheduling")),
     ("vllm.config", "ParallelConfig", ("pipeline_parallel_size",)),

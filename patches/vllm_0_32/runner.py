@@ -1,9 +1,9 @@
-"""``SteeringRunnerMixin``: abstention and capture in front of vLLM 0.32's V1 model runner.
+"""``SteeringRunnerMixin``: abstention, logit steering and capture in front of vLLM 0.32's V1 model runner.
 
 The hooks: ``execute_model`` (request lifecycle from the scheduler output), ``_update_states`` (after
 vLLM's batch update: the batch-slot tables when the batch composition changed, then the staged table
-writes; all lifecycle work, none per steady step) and ``_sample`` (vLLM's sampler, then the abstention
-step over the sampled tokens, capture).
+writes; all lifecycle work, none per steady step) and ``_sample`` (logit steering of the step's logits,
+vLLM's sampler, then the abstention step over the sampled tokens, capture).
 The per-step rows come from vLLM's numpy batch arrays, vectorised; the one host->device copy per step
 is the row index (``SteeringState.upload_step_rows``).
 """
@@ -46,6 +46,8 @@ class SteeringRunnerMixin:
     _vs_capture_elsewhere: np.ndarray | None = None
     _vs_warned_logprobs_mode = False
     _vs_act_staged = False  # this step's per-token steering rows are staged, not yet published
+    # This step's logits are logit-steered already: a mixin in front (VFD) steers them itself, at its own points.
+    _vs_logits_steered = False
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def _vs_sync_requests(self, scheduler_output: Any) -> None:
@@ -151,6 +153,7 @@ class SteeringRunnerMixin:
             act.end_forward()
         state = getattr(self, "execute_model_state", None)
         self._vs_step = None
+        self._vs_logits_steered = False
         if self._vs_state is not None and state is not None and state.sample_hidden_states is not None:
             self._vs_step = {"hidden": state.sample_hidden_states}
         return out
@@ -172,12 +175,34 @@ class SteeringRunnerMixin:
         rows = np.where(is_decode & (num_output >= st.slot_min_tokens[:n]), st.slot_row[:n], 0).astype(np.int32)
         return n, is_decode, computed.copy(), rows
 
+    def _vs_steer_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Logit steering of this step's logits (``[B, V']``, one row per batch slot) from the hidden states that
+        produced them (``_vs_step["hidden"]``): one fused op over the batch, rows from the batch-slot table, no host
+        read. Returns ``(logits', gate_strength [B], row_idx [B])``, or None when no request of the batch asks.
+
+        Before vLLM's sampler, so penalties, top-k/top-p, the sample and its logprobs all see the steered logits.
+        Rows that sample nothing this step (partial prefill chunks) are left alone.
+        """
+        st = self._vs_state
+        step = self._vs_step
+        if st is None or st.logit is None or step is None or not st.logit.batch_active:
+            return None
+        skip = self.discard_request_mask.np[: logits.shape[0]].astype(bool)  # type: ignore[attr-defined]
+        return st.steer_logits(step["hidden"], logits, skip)
+
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
         st = self._vs_state
         step = self._vs_step
         if st is None or step is None or logits is None or spec_decode_metadata is not None:
             self._vs_step = None
+            self._vs_logits_steered = False
             return super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
+        if not self._vs_logits_steered:
+            steered = self._vs_steer_logits(logits)
+            if steered is not None:
+                logits, gate_strength, logit_rows = steered
+                st.logit.record(logit_rows, gate_strength)
+        self._vs_logits_steered = False
         n, is_decode, positions, rows = self._vs_decode_rows()
         abstain = st.config.mode == MODE_ABSTAIN and bool(rows.any())
         keep_raw = None

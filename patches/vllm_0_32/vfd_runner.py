@@ -18,10 +18,11 @@ is in docs/vfd-design.md and the pure parts are in ``value_steer.core.vfd_math``
   ``_prepare_padding_mask`` and ``_preprocess`` are widened by the extra tokens and sequences.
 - ``execute_model`` (end): gathers the candidates' hidden states and restores the block table rows it
   borrowed.
-- ``_sample``: runs the first-token forward (requests with no candidates yet), scores all
-  candidates (fused value head + ``score_and_select``), replaces each steered row's logits with the
-  winner's, lets vLLM's sampler draw candidate 0 of the next step, draws the other candidates, and
-  outputs the winner token with the logprobs of the distribution it was drawn from.
+- ``_sample``: logit-steers the step's logits (requests with ``logit_steering``), runs the first-token forward
+  (requests with no candidates yet), scores all candidates (fused value head + ``score_and_select``), replaces
+  each steered row's logits with the winner's (logit-steered from the winner's hidden state), lets vLLM's sampler
+  draw candidate 0 of the next step, draws the other candidates, and outputs the winner token with the logprobs
+  of the distribution it was drawn from.
 
 Per-request pipeline state lives in :class:`~value_steer.runtime.vfd_state.VFDPipelines` (tables indexed by
 steering row; the pending candidates stay on the device). A steady step (no first-token rows, no request
@@ -810,6 +811,15 @@ class VFDRunnerMixin:
         kmax = self._vfd_k
         self._vfd_counters["steps"] += 1
 
+        # 0. Logit steering, before any draw: the first-token rows' candidates below, the sampler's natural sample
+        #    and the next candidates are all drawn from steered distributions. A row whose logits are replaced by
+        #    its winner's (3.) is steered again there, from the winner's hidden state; the mixin behind must not
+        #    steer a second time.
+        lsteer = self._vs_steer_logits(logits)  # type: ignore[attr-defined]
+        self._vs_logits_steered = True
+        if lsteer is not None:
+            logits, l_gs, l_rows = lsteer
+
         # Rows in a fixed order: steady rows, then first-token rows.
         batch_rows = np.concatenate([plan.steady_batch, plan.first_batch])
         rows = np.concatenate([plan.steady_rows, plan.first_rows])
@@ -875,8 +885,25 @@ class VFDRunnerMixin:
         redo = np.flatnonzero((np.arange(n_rows) >= n_steady) | (win_col_h != 0))
         if redo.size:
             (sel,) = self._vfd_stage([redo])
-            new_logits = self.model.compute_logits(win_hidden.index_select(0, sel))  # type: ignore[attr-defined]
-            logits.index_copy_(0, batch_t.index_select(0, sel), new_logits.to(logits.dtype))
+            redo_hidden = win_hidden.index_select(0, sel)
+            dst = batch_t.index_select(0, sel)
+            new_logits = self.model.compute_logits(redo_hidden)  # type: ignore[attr-defined]
+            if lsteer is not None:
+                # The winner's distribution, steered from the winner's own hidden state (the row's request row).
+                redo_rows = l_rows.index_select(0, dst)
+                new_logits, redo_gs = st.logit.apply(redo_hidden, new_logits, redo_rows)
+            logits.index_copy_(0, dst, new_logits.to(logits.dtype))
+        if lsteer is not None:
+            # Telemetry counts the distributions drawn from: every row's first one except a steady row's whose winner
+            # replaced it before any draw (candidate 0's), then the winners' replacements.
+            rec_rows = l_rows
+            replaced = batch_rows[redo[redo < n_steady]]
+            if replaced.size:
+                (rep_t,) = self._vfd_stage([replaced])
+                rec_rows = l_rows.index_fill(0, rep_t, 0)
+            st.logit.record(rec_rows, l_gs)
+            if redo.size:
+                st.logit.record(redo_rows, redo_gs)
 
         # 4. vLLM's sampler draws the natural sample of the next position, with the winner in the history
         #    (penalties, bad words). The winner is appended for the sampler only; bookkeeping appends it for real.

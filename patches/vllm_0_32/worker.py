@@ -219,6 +219,15 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
         if mode is not None and mode.has_full_cudagraphs() and cc.cudagraph_capture_sizes:
             problems.append(f"cudagraph_mode {mode.name}: vfd cannot run in full CUDA graphs (its candidate "
                             f"rows change the decode batch); {_FIX_GRAPHS}")
+    if cfg.logit_steering is not None:
+        # Before any engine starts: the generator must fit this model (its file is small; loading it checks all).
+        from value_steer.core.logit_steer import load_logit_steer
+
+        try:
+            load_logit_steer(cfg.logit_steering.checkpoint, hidden_size=model_hidden_size(vllm_config),
+                             vocab_size=model_vocab_size(vllm_config))
+        except (OSError, ValueError) as exc:
+            problems.append(f"logit_steering.checkpoint: {exc}")
     if problems:
         raise StartupError(problems)
 
@@ -285,6 +294,12 @@ def batch_capacity(runner: Any) -> int:
 
 def model_hidden_size(vllm_config: Any) -> int:
     return int(vllm_config.model_config.get_hidden_size())
+
+
+def model_vocab_size(vllm_config: Any) -> int:
+    """The width of the logits vLLM 0.32 hands the sampler: the model config's vocabulary (``LogitsProcessor``
+    strips the lm_head's own padding to ``org_vocab_size``; the config's may still exceed the tokenizer's)."""
+    return int(vllm_config.model_config.get_vocab_size())
 
 
 def max_num_seqs(vllm_config: Any) -> int:

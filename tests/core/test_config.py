@@ -173,7 +173,7 @@ def test_steering_vectors_file_is_not_a_directory(head_file):
 
 
 def test_unknown_top_level_key_lists_steering():
-    with pytest.raises(ConfigError, match=r"\['vfd', 'abstain', 'capture', 'steering'\]"):
+    with pytest.raises(ConfigError, match=r"\['vfd', 'abstain', 'capture', 'steering', 'logit_steering'\]"):
         parse_additional_config({"steer": {}})
 
 
@@ -249,3 +249,73 @@ def test_capture_layers_refused(raw, value, match):
     with pytest.raises(RequestArgError, match=match):
         parse_request_args({"capture_layers": value}, parse_additional_config(raw, check_files=False), 0.5,
                            num_layers=8)
+
+
+# ---------------------------------------------------------------- logit steering
+
+
+@pytest.fixture
+def generator_file(tmp_path):
+    path = tmp_path / "gen.safetensors"
+    path.write_bytes(b"x")
+    (tmp_path / "gen.safetensors.meta.json").write_text("{}")
+    return str(path)
+
+
+def test_logit_steering_section_alone_and_beside(head_file, generator_file):
+    alone = parse_additional_config({"logit_steering": {"checkpoint": generator_file}})
+    assert alone.mode == MODE_OFF and alone.logit_steering.checkpoint == generator_file
+    beside = parse_additional_config({"vfd": {"value_head_path": head_file}, "steering": {},
+                                      "capture": {"dir": "/tmp/c"}, "logit_steering": {"checkpoint": generator_file}})
+    assert beside.mode == MODE_VFD and beside.steering is not None and beside.logit_steering is not None
+    assert parse_additional_config({"vfd": {"value_head_path": head_file}}).logit_steering is None
+
+
+@pytest.mark.parametrize(("sec", "field"), [
+    ([], "logit_steering must be a JSON object"),
+    ({}, "logit_steering.checkpoint must be a non-empty string"),
+    ({"checkpoint": 3}, "logit_steering.checkpoint must be a non-empty string"),
+    ({"checkpoint": "/g.pt"}, r"logit_steering.checkpoint must be a .safetensors file \(pickles are never loaded\)"),
+    ({"checkpoint": "/nope.safetensors"}, "logit_steering.checkpoint: no such file"),
+    ({"checkpoint": "/g.safetensors", "rank": 8}, r"logit_steering: unknown key\(s\) \['rank'\]"),
+])  # fmt: skip
+def test_bad_logit_steering_section_names_field(sec, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_additional_config({"logit_steering": sec})
+
+
+def test_logit_steering_checkpoint_needs_its_sidecar(tmp_path):
+    path = tmp_path / "g.safetensors"
+    path.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"logit_steering.checkpoint: no sidecar .*meta.json"):
+        parse_additional_config({"logit_steering": {"checkpoint": str(path)}})
+
+
+@pytest.mark.parametrize(("value", "want"), [(None, 0.0), (0, 0.0), (False, 0.0), ("off", 0.0), (True, 1.0),
+                                             ("on", 1.0), (1.5, 1.5), ("2.5", 2.5), (4, 4.0), ("0", 0.0)])
+def test_request_logit_strength_forms(generator_file, value, want):
+    cfg = parse_additional_config({"logit_steering": {"checkpoint": generator_file}})
+    steer = parse_request_args({"logit_steering": value} if value is not None else {}, cfg, 0.5)
+    assert steer.logit_strength == want and steer.mode == MODE_OFF
+
+
+@pytest.mark.parametrize("value", [-0.5, 4.5, "strong", float("nan"), float("inf"), [1.0], "nan"])
+def test_bad_request_logit_strength_names_field(generator_file, value):
+    cfg = parse_additional_config({"logit_steering": {"checkpoint": generator_file}})
+    with pytest.raises(RequestArgError, match=r"logit_steering must be a strength multiplier in \[0, 4\]"):
+        parse_request_args({"logit_steering": value}, cfg, 0.5)
+
+
+def test_request_logit_steering_without_server_section(head_file):
+    cfg = parse_additional_config({"vfd": {"value_head_path": head_file}})
+    with pytest.raises(RequestArgError, match="logit_steering: this server has no 'logit_steering' section"):
+        parse_request_args({"logit_steering": 1.0}, cfg, 0.5)
+    # Asking for none is not asking for it.
+    assert parse_request_args({"logit_steering": False}, cfg, 0.5).logit_strength == 0.0
+    assert parse_request_args({"logit_steering": 0}, cfg, 0.5).logit_strength == 0.0
+
+
+@pytest.mark.parametrize("key", ["logit_steer", "logits_steering", "Logit-Steering"])
+def test_misspelled_logit_steering_key(key):
+    with pytest.raises(RequestArgError, match="logit_steering"):
+        parse_request_args({key: 1.0}, parse_additional_config({}), 0.5)

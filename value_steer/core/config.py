@@ -13,7 +13,11 @@ hidden-state capture) and an optional activation-steering section, alone or besi
     {"steering": {"vectors": "/path/to/dir", "max_vectors": 64, "max_ops_per_request": 8,
                   "max_inline_floats": 32768}}
 
-(``{"steering": {}}`` enables steering with no preloaded vectors). Every violation raises
+(``{"steering": {}}`` enables steering with no preloaded vectors), and an optional generative logit-steering
+section (``docs/logit-steering.md``), alone or beside any of the others::
+
+    {"logit_steering": {"checkpoint": "/path/to/generator.safetensors"}}
+ Every violation raises
 :class:`ConfigError` naming the field and the allowed values; the worker raises it at start-up, so a bad
 config never reaches the first request.
 
@@ -24,6 +28,8 @@ with vLLM (``kv_transfer_params``, ...) and other plugins, so a key that is not 
 unless it looks like a misspelling of ours (see :func:`misspelled_request_keys`). ``steering`` (an
 activation-steering spec, :mod:`value_steer.core.steering_spec`; a dict, or a JSON string in ``vllm_xargs``)
 is accepted only when the server has a ``steering`` section; it is independent of ``value_steer``.
+``logit_steering`` (a strength multiplier in ``[0, MAX_LOGIT_STRENGTH]``; 0 or false: off, the default; true: 1)
+asks for logit steering, which needs a ``logit_steering`` section; it too is independent of the others.
 """
 
 from __future__ import annotations
@@ -42,12 +48,13 @@ from value_steer.core.steering_spec import RequestArgError, SteeringSpec, parse_
 MAX_NUM_CANDIDATES = 64
 DEFAULT_NUM_CANDIDATES = 4
 STEER_SECTIONS = ("vfd", "abstain")
-TOP_LEVEL_KEYS = (*STEER_SECTIONS, "capture", "steering")
+TOP_LEVEL_KEYS = (*STEER_SECTIONS, "capture", "steering", "logit_steering")
 _SECTION_KEYS = {
     "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default", "schedule"),
     "abstain": ("value_head_path", "threshold", "direction", "enabled_by_default"),
     "capture": ("dir", "enabled_by_default"),
     "steering": ("vectors", "max_vectors", "max_ops_per_request", "max_inline_floats"),
+    "logit_steering": ("checkpoint",),
 }
 # Activation steering (the "steering" section): bank size, per-request op count (the op tables' M) and the
 # total length of a request's inline vectors.
@@ -62,7 +69,11 @@ REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_captu
 # The activation-steering spec's key. Kept out of REQUEST_KEYS (the value-head switches, listed in messages as
 # they are) but known to every check on our keys: ALL_REQUEST_KEYS.
 STEERING_KEY = "steering"
-ALL_REQUEST_KEYS = (*REQUEST_KEYS, STEERING_KEY)
+# The logit-steering strength multiplier (kept out of REQUEST_KEYS for the same reason). Bounded: the generator was
+# trained at 1; far past it the added term swamps the model's own logits.
+LOGIT_STEERING_KEY = "logit_steering"
+MAX_LOGIT_STRENGTH = 4.0
+ALL_REQUEST_KEYS = (*REQUEST_KEYS, STEERING_KEY, LOGIT_STEERING_KEY)
 # How close (difflib ratio, case and "-"/"_" folded) a foreign key must be to one of REQUEST_KEYS to be
 # taken for a misspelling of it: "treshold", "Threshold", "num-candidates", "thresh" are; vLLM's own
 # extra_args keys (kv_transfer_params, ec_transfer_params, kv_cache_report_mode) are far from all of them.
@@ -106,6 +117,14 @@ class SteeringConfig:
 
 
 @dataclass(frozen=True)
+class LogitSteeringConfig:
+    """Generative logit steering (``docs/logit-steering.md``): ``checkpoint``, the generator's ``.safetensors`` file
+    (with its ``.meta.json`` sidecar). Its sizes are checked against the model when the worker loads it."""
+
+    checkpoint: str
+
+
+@dataclass(frozen=True)
 class SteerConfig:
     """Resolved server-side steering config.
 
@@ -113,6 +132,7 @@ class SteerConfig:
     steering only, or plain).
     threshold: None means "take the sidecar's" (resolved when the head is loaded).
     steering: the activation-steering section, None when absent (requests with ``steering`` are refused).
+    logit_steering: the logit-steering section, None when absent (requests asking for it are refused).
     """
 
     mode: int
@@ -124,6 +144,7 @@ class SteerConfig:
     capture: CaptureConfig | None = None
     schedule: str = "auto"  # vfd only: how candidates are forwarded (value_steer.runtime.vfd_schedule)
     steering: SteeringConfig | None = None
+    logit_steering: LogitSteeringConfig | None = None
 
     @property
     def sign(self) -> float:
@@ -167,8 +188,10 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
         raise ConfigError("additional_config: 'vfd' and 'abstain' are exclusive; give one of them")
     capture = _parse_capture(raw["capture"]) if "capture" in raw else None
     steering = _parse_steering(raw["steering"], check_files) if "steering" in raw else None
+    logit = _parse_logit_steering(raw["logit_steering"], check_files) if "logit_steering" in raw else None
     if not present:
-        return SteerConfig(mode=MODE_OFF, capture=capture, enabled_by_default=False, steering=steering)
+        return SteerConfig(mode=MODE_OFF, capture=capture, enabled_by_default=False, steering=steering,
+                           logit_steering=logit)
     name = present[0]
     sec = raw[name]
     if not isinstance(sec, dict):
@@ -211,6 +234,7 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
         capture=capture,
         schedule=schedule,
         steering=steering,
+        logit_steering=logit,
     )
 
 
@@ -260,6 +284,30 @@ def _parse_steering(sec: Any, check_files: bool) -> SteeringConfig:
     )
 
 
+def _parse_logit_steering(sec: Any, check_files: bool) -> LogitSteeringConfig:
+    if not isinstance(sec, dict):
+        raise ConfigError(f"logit_steering must be a JSON object, got {type(sec).__name__}")
+    allowed = _SECTION_KEYS["logit_steering"]
+    bad = sorted(set(sec) - set(allowed))
+    if bad:
+        raise ConfigError(f"logit_steering: unknown key(s) {bad}; allowed: {list(allowed)}")
+    path = sec.get("checkpoint")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"logit_steering.checkpoint must be a non-empty string (a generator .safetensors file), "
+                          f"got {path!r}")
+    path = os.path.expanduser(path)
+    if not path.lower().endswith(".safetensors"):
+        raise ConfigError(f"logit_steering.checkpoint must be a .safetensors file (pickles are never loaded), got "
+                          f"{path!r}")
+    if check_files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"logit_steering.checkpoint: no such file: {path}")
+        if not os.path.isfile(path + ".meta.json"):
+            raise ConfigError(f"logit_steering.checkpoint: no sidecar {path}.meta.json beside it (it holds the "
+                              "generator's sizes and max_strength)")
+    return LogitSteeringConfig(checkpoint=path)
+
+
 @dataclass(frozen=True)
 class RequestSteer:
     """What one request asks for, resolved against the server config.
@@ -275,6 +323,7 @@ class RequestSteer:
     capture: bool = False
     steering: SteeringSpec | None = None
     capture_layers: tuple[int, ...] = ()  # residual-stream capture at these decoder layers (sorted, distinct)
+    logit_strength: float = 0.0  # the logit-steering multiplier (0: off)
 
 
 _TRUE = {"on", "true", "1", "yes"}
@@ -315,7 +364,7 @@ def misspelled_request_keys(extra_args: dict[str, Any]) -> dict[str, str | None]
     :data:`_STEERING_CUTOFF` of ``steering``. Other keys belong to vLLM or other plugins and are not ours to
     refuse.
     """
-    folded = {_fold(k): k for k in REQUEST_KEYS}
+    folded = {_fold(k): k for k in (*REQUEST_KEYS, LOGIT_STEERING_KEY)}
     found: dict[str, str | None] = {}
     for key in extra_args:
         if not isinstance(key, str) or key in ALL_REQUEST_KEYS:
@@ -361,7 +410,8 @@ def parse_request_args(
         hint = f" (did you mean {near!r}?)" if near else ""
         raise RequestArgError(
             f"unknown value_steer key {key!r} in vllm_xargs / extra_args{hint}; value_steer's keys are "
-            f"{list(REQUEST_KEYS)}, and {STEERING_KEY!r} for activation steering"
+            f"{list(REQUEST_KEYS)}, {STEERING_KEY!r} for activation steering and {LOGIT_STEERING_KEY!r} for logit "
+            "steering"
         )
     steering_configured = cfg.mode != MODE_OFF
     on = cfg.enabled_by_default and steering_configured
@@ -410,6 +460,15 @@ def parse_request_args(
             max_inline_floats=cfg.steering.max_inline_floats,
             resolve=resolve,
         )
+    logit_strength = 0.0
+    if args.get(LOGIT_STEERING_KEY) is not None:
+        logit_strength = parse_logit_strength(args[LOGIT_STEERING_KEY])
+        if logit_strength > 0.0 and cfg.logit_steering is None:
+            raise RequestArgError(
+                f"{LOGIT_STEERING_KEY}: this server has no 'logit_steering' section in --additional-config (start it "
+                "with --additional-config '{\"logit_steering\": {\"checkpoint\": \"generator.safetensors\"}}' to "
+                "accept logit-steering requests)"
+            )
     return RequestSteer(
         mode=cfg.mode if on else MODE_OFF,
         threshold=threshold,
@@ -418,7 +477,26 @@ def parse_request_args(
         capture=capture,
         steering=spec,
         capture_layers=capture_layers,
+        logit_strength=logit_strength,
     )
+
+
+def parse_logit_strength(value: Any) -> float:
+    """The ``logit_steering`` request value as a multiplier in ``[0, MAX_LOGIT_STRENGTH]``: a number (``vllm_xargs``
+    may send it as a string), or a switch (false / "off": 0, true / "on": 1, the trained operating point)."""
+    field = LOGIT_STEERING_KEY
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, str) and value.strip().lower() in (_TRUE | _FALSE) - {"0", "1"}:  # words; digits: numbers
+        return 1.0 if value.strip().lower() in _TRUE else 0.0
+    bad = f"{field} must be a strength multiplier in [0, {MAX_LOGIT_STRENGTH:g}] (0 or false: off), got {value!r}"
+    try:
+        s = _coerce_number(value, field)
+    except RequestArgError:
+        raise RequestArgError(bad) from None
+    if not math.isfinite(s) or not 0.0 <= s <= MAX_LOGIT_STRENGTH:
+        raise RequestArgError(bad)
+    return s
 
 
 def _parse_capture_layers(value: Any, cfg: SteerConfig, num_layers: int | None) -> tuple[int, ...]:

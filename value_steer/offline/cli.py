@@ -9,6 +9,7 @@ Subcommands:
   calibrate        split-conformal threshold from a labelled calibration capture, into the head's sidecar
   eval             base vs VFD vs abstention on held-out prompts -> docs/evaluation.md + plots
   vectors          activation vectors and a calibrated gate probe from captured residual streams
+  train-logit      a logit-steering generator (GenSteer) on VADER preference pairs of the model's own samples
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from value_steer.offline.assets import default_head_path, default_vectors_dir, vllm_cpu_env
+from value_steer.offline.assets import TEMPERATURE, TOP_P, default_head_path, default_vectors_dir, vllm_cpu_env
 from value_steer.serving import WORKER_CLS
 
 
@@ -130,6 +131,13 @@ def cmd_vectors(args: argparse.Namespace, extra: list[str]) -> int:
     return vectors_main(extra)
 
 
+def cmd_train_logit(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.logit_training import run
+
+    run(args)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from value_steer.offline.evaluate import main as eval_main
 
@@ -181,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a value-steer eval .json: record its chosen VFD threshold as the serve default")
     k.add_argument("--tau", type=float, default=0.1, help="tolerated false-alarm rate on safe responses")
     k.set_defaults(func=cmd_calibrate)
+
+    g = sub.add_parser("train-logit", help="train a logit-steering generator on VADER preference pairs of the model's "
+                       "own samples (value_steer.offline.logit_training)")
+    g.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct, prepared on first use)")
+    g.add_argument("--split", choices=["train", "calibration", "test"], default="train")
+    g.add_argument("--n-prompts", type=int, default=400, help="prompts (a deterministic subset of the split)")
+    g.add_argument("--samples-per-prompt", type=int, default=4, help="responses per prompt (distinct seeds)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=TEMPERATURE)
+    g.add_argument("--top-p", type=float, default=TOP_P)
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--gate-hidden", type=int, default=32)
+    g.add_argument("--max-strength", type=float, default=2.0)
+    g.add_argument("--beta", type=float, default=1.0, help="DPO temperature on the mean log-likelihood margin")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--batch-prompts", type=int, default=8, help="prompts per step (all their pairs)")
+    g.add_argument("--val-frac", type=float, default=0.1, help="prompts held out to pick the epoch")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--work", default=None, help="samples + capture folder (default: under the data dir; reused)")
+    g.add_argument("--out", required=True, help="generator checkpoint (.safetensors; the sidecar is written beside)")
+    g.set_defaults(func=cmd_train_logit)
 
     e = sub.add_parser("eval", help="evaluation report (extra args: see value-steer eval --help)", add_help=False)
     e.set_defaults(func=cmd_eval)

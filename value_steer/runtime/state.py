@@ -27,10 +27,12 @@ import torch
 
 from value_steer.core.checkpoint import HeadCheckpoint, load_value_head
 from value_steer.core.config import RequestSteer, SteerConfig, parse_request_args
+from value_steer.core.logit_steer import load_logit_steer
 from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF
 from value_steer.core.row_table import RowTable
 from value_steer.core.steering_spec import RequestArgError, fingerprint
 from value_steer.runtime.activation import ActivationTables, VectorBank
+from value_steer.runtime.logit_steer import LogitSteerTables
 from value_steer.runtime.staging import HostDeviceBuffer
 from value_steer.runtime.stats import DeviceStats, RequestInfo, SteeringCounters
 
@@ -51,6 +53,7 @@ class RequestState:
     info: RequestInfo
     wants_logprobs: bool = False
     act_row: int = 0  # activation-steering row (0: none), independent of ``row``
+    logit_row: int = 0  # logit-steering row (0: none), independent of both
 
 
 class SteeringState:
@@ -64,11 +67,13 @@ class SteeringState:
         max_batch_slots: the runner's batch capacity (``max_num_reqs``; default ``max_num_seqs``).
         num_layers: the model's decoder layers (activation steering; required with a ``steering`` section).
         max_tokens: tokens one forward may carry (the per-token buffers' length; required with ``steering``).
+        vocab_size: the width ``V'`` of the logits the sampler sees (vLLM: the model config's vocabulary); with a
+            ``logit_steering`` section the generator must cover exactly that many columns.
     """
 
     def __init__(self, config: SteerConfig, hidden_size: int, max_num_seqs: int, device: torch.device,
                  max_batch_slots: int | None = None, num_layers: int | None = None,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, vocab_size: int | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
         self.hidden_size = hidden_size
@@ -122,6 +127,22 @@ class SteeringState:
                             config.steering.vectors, ", ".join(v.name for v in loaded) or "-")
             self.activation = ActivationTables(bank, num_rows, config.steering.max_ops_per_request, max_tokens,
                                                self.device, capture=config.capture is not None)
+        # Logit steering (docs/logit-steering.md): its own rows too.
+        self.logit: LogitSteerTables | None = None
+        self.slot_logit_row = np.zeros(slots, dtype=np.int32)
+        if config.logit_steering is not None:
+            if vocab_size is None:
+                raise ValueError("logit steering needs the width of the model's logits (vocab_size)")
+            path = config.logit_steering.checkpoint
+            try:
+                # Loaded on the host; LogitSteerTables places the op's copy of the weights on the device.
+                ckpt = load_logit_steer(path, hidden_size=hidden_size, vocab_size=vocab_size)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ValueError(f"logit_steering.checkpoint: {exc}") from exc
+            self.logit = LogitSteerTables(ckpt, num_rows, slots, self.device)
+            logger.info("value_steer: logit steering with %s (rank %d, gate %d, max_strength %g, %d parameters)",
+                        path, ckpt.generator.rank, ckpt.generator.gate_hidden, ckpt.max_strength,
+                        ckpt.generator.num_parameters())
 
     # ---- request lifecycle -------------------------------------------------------------------------
     def add_request(self, req_id: str, extra_args: dict[str, Any] | None, eos_token_id: int | None,
@@ -160,9 +181,13 @@ class SteeringState:
             except BaseException:
                 self._free_act_rows.append(act_row)
                 raise
+        logit_row = 0
+        if steer.logit_strength > 0.0:
+            assert self.logit is not None  # parse_request_args refuses it without a logit_steering section
+            logit_row = self.logit.add_request(steer.logit_strength)
         if steer.mode == MODE_ABSTAIN and (ignore_eos or eos_token_id is None):
             # The client asked never to stop on EOS: abstention has nothing it may force.
-            steer = RequestSteer(MODE_OFF, steer.threshold, steer.sign, 1, steer.capture)
+            steer = replace(steer, mode=MODE_OFF, num_candidates=1)
         row = 0
         if steer.mode != MODE_OFF:
             if not self._free_rows:
@@ -178,7 +203,9 @@ class SteeringState:
         if steer.steering is not None:
             info.activation_ops = len(steer.steering.ops)
             info.activation_gated = steer.steering.gate is not None
-        state = RequestState(req_id, steer, row, eos_token_id, int(min_tokens or 0), info, wants_logprobs, act_row)
+        info.logit_strength = steer.logit_strength
+        state = RequestState(req_id, steer, row, eos_token_id, int(min_tokens or 0), info, wants_logprobs, act_row,
+                             logit_row)
         self.requests[req_id] = state
         return state
 
@@ -207,6 +234,10 @@ class SteeringState:
                 state.info.gate_counts = self.activation.gate_counts(state.act_row)
             self.activation.remove_request(state.act_row)
             self._free_act_rows.append(state.act_row)
+        if state.logit_row:
+            assert self.logit is not None
+            state.info.logit_counts = self.logit.snapshot(state.logit_row)
+            self.logit.remove_request(state.logit_row)
         with self._lock:
             self.finished[req_id] = (snap, state.info)
             while len(self.finished) > MAX_FINISHED_KEPT:
@@ -218,11 +249,15 @@ class SteeringState:
         self.stats.flush()
         if self.activation is not None:
             self.activation.flush()
+        if self.logit is not None:
+            self.logit.flush()
 
     def _live_stats(self, state: RequestState) -> tuple[torch.Tensor, RequestInfo]:
         info = state.info
         if state.act_row and info.activation_gated and self.activation is not None:
             info = replace(info, gate_counts=self.activation.gate_counts(state.act_row))
+        if state.logit_row and self.logit is not None:
+            info = replace(info, logit_counts=self.logit.live_stats(state.logit_row))
         return (self.stats.table[state.row] if state.row else self.stats.empty_row, info)
 
     def stats_for(self, req_id: str, matches: Callable[[str, str], bool] | None = None) -> dict[str, Any] | None:
@@ -265,6 +300,9 @@ class SteeringState:
         self.slot_eos.np[:n] = [(s.eos_token_id or 0) if s is not None and s.row else 0 for s in states]
         self.slot_logprobs[:n] = [bool(s is not None and s.wants_logprobs) for s in states]
         self.slot_act_row[:n] = [s.act_row if s is not None else 0 for s in states]
+        if self.logit is not None:
+            self.slot_logit_row[:n] = [s.logit_row if s is not None else 0 for s in states]
+            self.logit.update_batch(self.slot_logit_row[:n])
         self.slot_eos.copy_to_device(n)
         self.any_capture = bool(self.slot_capture[:n].any())
         return True
@@ -276,6 +314,26 @@ class SteeringState:
         return self.step_rows.copy_to_device(n)
 
     # ---- the per-step math ---------------------------------------------------------------------------
+    def steer_logits(self, hidden: torch.Tensor, logits: torch.Tensor, skip: np.ndarray | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Logit steering of one step's logits (one row per batch slot), or None when no request of the batch asks.
+
+        Args:
+            hidden: ``[>= B, H]`` the hidden states that produced the logits (the step's sampled rows, batch order).
+            logits: ``[B, V']`` the step's logits.
+            skip: ``[B]`` bool, rows that sample nothing this step (left untouched, not counted).
+        Returns:
+            ``(logits' [B, V'], gate_strength [B] fp32, row_idx [B] int32)``: one fused op, no host synchronisation.
+            The caller records (:meth:`LogitSteerTables.record`) the gate strengths of the distributions it samples.
+        """
+        lt = self.logit
+        if lt is None or not lt.batch_active:
+            return None
+        b = logits.shape[0]
+        rows = lt.step_rows(b, skip)
+        out, gs = lt.apply(hidden[:b], logits, rows)
+        return out, gs, rows
+
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[M, H]`` hidden states -> ``[M]`` fp32 values (the fused value-head op)."""
         from value_steer.kernels import value_head

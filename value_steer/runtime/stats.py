@@ -31,6 +31,8 @@ class RequestInfo:
     activation_ops: int = 0  # activation-steering ops of the request's spec (0: none)
     activation_gated: bool = False
     gate_counts: Any = None  # finished gated requests: [2] fp64 device tensor (gate tokens, gate open)
+    logit_strength: float = 0.0  # the logit-steering multiplier (0: none)
+    logit_counts: Any = None  # logit-steered requests: [3] fp64 device tensor (distributions, gate sum, gate max)
 
 
 @dataclass
@@ -107,7 +109,19 @@ class DeviceStats:
             "max_value": mx if seen else None,
             "error": info.error,
             "activation_steering": DeviceStats._activation(info),
+            "logit_steering": DeviceStats._logit(info),
         }
+
+    @staticmethod
+    def _logit(info: RequestInfo) -> dict[str, Any] | None:
+        """The multiplier, the number of steered sampling distributions and the mean / max gate strength
+        ``strength(h)`` over them (``value_steer.runtime.logit_steer``)."""
+        if not info.logit_strength:
+            return None
+        steps, total, mx = info.logit_counts.tolist() if info.logit_counts is not None else (0.0, 0.0, 0.0)
+        return {"strength": info.logit_strength, "num_steered": int(steps),
+                "mean_gate_strength": total / steps if steps else None,
+                "max_gate_strength": mx if steps else None}
 
     @staticmethod
     def _activation(info: RequestInfo) -> dict[str, Any] | None:

@@ -57,6 +57,7 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             max_batch_slots=_adapter.batch_capacity(runner),
             num_layers=_adapter.num_decoder_layers(self.vllm_config),
             max_tokens=_adapter.max_forward_tokens(runner),
+            vocab_size=_adapter.model_vocab_size(self.vllm_config),
         )
         runner._vs_state = state
         if cfg.capture is not None:
