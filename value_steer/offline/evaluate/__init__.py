@@ -1,33 +1,43 @@
-"""``value-steer eval``: base vs value-filtered decoding vs abstention on held-out prompts, through vLLM.
+"""``value-steer eval``: base vs value-filtered decoding vs abstention vs activation steering on held-out
+prompts, through vLLM.
 
-One vLLM engine runs ``ValueSteerWorker`` in VFD mode (K = max of ``--ks``); base rows are requests with
-``value_steer=false`` in the same engine (they decode exactly as stock vLLM), VFD rows set ``threshold``
-and ``num_candidates`` per request. A second engine runs abstention. The flow keeps the test split
-untouched by any choice:
+One vLLM engine runs ``ValueSteerWorker`` with a VFD section (K = max of ``--ks``), an activation-steering
+section (the vectors of ``--vectors``, preloaded by name) and a capture section. Base rows are requests with
+``value_steer=false`` and no spec (they decode exactly as stock vLLM), VFD rows set ``threshold`` and
+``num_candidates`` per request, activation-only rows send ``value_steer=false`` and a ``steering`` spec, and
+VFD + gated add sends both. A second engine runs abstention. The flow keeps the test split untouched by any
+choice:
 
 1. calibration split: base and VFD at every (K, threshold) of the sweep;
 2. per K, the threshold with the lowest undesirable rate whose perplexity is within
    ``--max-ppl-increase`` of base (on calibration);
-3. test split: base, the whole sweep for the first K (for the plots), the other K at their chosen
-   threshold, abstention at the head's sidecar threshold.
+3. test split, once per point: base, the whole sweep for the first K (for the plots), the other K at their
+   chosen threshold, activation add at each suggested scale, cap, ablate, probe-gated add, the first K's
+   chosen point + gated add, abstention at the head's sidecar threshold (``steering`` describes the rows).
 
 Metrics per condition (each with its sample size and a 95% interval):
   undesirable   VADER compound < -0.05 of the response (Wilson interval)
-  perplexity    exp(mean NLL) of the response tokens under the unsteered model: vLLM's raw logprob of
-                every committed token (VFD returns the committed token's logprob under the model's own
-                distribution); abstention's forced EOS is not the model's token and is left out
-                (bootstrap over prompts)
+  perplexity    exp(mean NLL) of the response tokens under the *unsteered* model, for every row: each
+                response is rescored by an unsteered prefill of prompt + response (prompt logprobs), since an
+                activation-steered request's own logprobs are the steered model's; abstention's forced EOS is
+                not the model's token and is left out (bootstrap over prompts). The engine's sampled
+                logprobs are kept too: on unsteered rows they must agree (the report prints the check)
   length        generated tokens (forced EOS excluded; normal interval)
   distinct-2    distinct word bigrams / bigrams over the condition's responses (jackknife)
-  intervention  steered tokens where steering changed the outcome (VFD: the natural sample was replaced;
-                abstention: EOS forced) / scored tokens (bootstrap)
-  tok/s         generated tokens / wall time of the condition's batch (one measurement, no interval)
+  intervention  VFD: tokens whose natural sample was replaced; abstention: EOS forced (over scored tokens);
+                gated add: decode tokens whose gate was open; ungated activation ops: 1 (every token edited)
+                (bootstrap)
+  gate open     gated rows: decode tokens whose gate was >= 0.5 / decode tokens (the worker's count; bootstrap)
+  tok/s         generated tokens / wall time of the condition's batch (one measurement, no interval;
+                rescoring not included)
 
 Writes ``<out>.md`` (the tables, printed too), ``<out>.json`` (every number) and PNG plots beside it.
+``--render-only JSON`` re-renders a finished run's report without generating.
 
-Modules: ``plan`` (what a run does), ``stats`` (metrics, intervals and the selection rule; pure),
-``run`` (the conditions through vLLM), ``report`` (markdown and JSON), ``plots`` (the PNGs); the CLI
-is :func:`main` (``value-steer eval``, also ``python -m value_steer.offline.evaluate``).
+Modules: ``plan`` (what a run does, its runtime estimate), ``stats`` (metrics, intervals, the selection rule,
+the rescoring alignment; pure), ``steering`` (the vectors' sidecars and the activation rows' specs; pure),
+``run`` (the conditions through vLLM), ``report`` (markdown and JSON), ``plots`` (the PNGs); the CLI is
+:func:`main` (``value-steer eval``, also ``python -m value_steer.offline.evaluate``).
 """
 
 from __future__ import annotations
@@ -39,16 +49,17 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from value_steer.offline.evaluate.plan import FULL, QUICK, EvalPlan
-from value_steer.offline.evaluate.report import summary, threshold_transfer, write_report
+from value_steer.offline.evaluate.plan import FULL, QUICK, EvalPlan, estimate_seconds
+from value_steer.offline.evaluate.report import moonshot, summary, threshold_transfer, write_report
 from value_steer.offline.evaluate.run import run
 from value_steer.offline.evaluate.stats import Response, choose_threshold, condition_metrics
+from value_steer.offline.evaluate.steering import load_vectors
 
 
 def main(argv: list[str] | None = None) -> int:
     """``value-steer eval [--quick] [--render-only JSON] ...``: run a plan (or re-render a finished run's
     JSON) and write the report; returns the exit status."""
-    from value_steer.offline.assets import default_head_path
+    from value_steer.offline.assets import default_head_path, default_vectors_dir
     from value_steer.offline.models import prepare_smollm2
 
     ap = argparse.ArgumentParser(prog="value-steer eval", description=__doc__.splitlines()[0])
@@ -62,12 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", type=int, nargs="+", default=None)
     ap.add_argument("--thresholds", type=float, nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--vectors", default=None, metavar="DIR",
+                    help="steering vectors (sentiment, sentiment_probe + sidecars; default: the committed ones)")
+    ap.add_argument("--no-activation", action="store_true", help="skip the activation-steering rows")
+    ap.add_argument("--gated-scale", type=float, default=None,
+                    help="the gated add's scale (default: the largest suggested scale of the vector's sidecar)")
     ap.add_argument("--render-only", default=None, metavar="JSON",
                     help="re-render the report of a finished run from its .json (no generation)")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("n_cal", args.n_cal), ("n_test", args.n_test), ("max_tokens", args.max_tokens),
-                                    ("seed", args.seed)) if v is not None}
+                                    ("seed", args.seed), ("gated_scale", args.gated_scale)) if v is not None}
+    if args.no_activation:
+        overrides["activation"] = False
     if args.ks is not None:
         overrides["ks"] = tuple(args.ks)
     if args.thresholds is not None:
@@ -88,10 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         head = args.head or str(default_head_path())
         if not os.path.isfile(head):
             ap.error(f"--head: value head not found: {head}")
-        results = run(plan, model, head, log=lambda s: print(s, flush=True))
+        vectors = args.vectors or str(default_vectors_dir())
+        if plan.activation:
+            try:
+                load_vectors(vectors)
+            except (OSError, ValueError) as exc:
+                ap.error(f"--vectors: {exc}")
+        results = run(plan, model, head, vectors if plan.activation else None, log=lambda s: print(s, flush=True))
         results["command"] = command.strip()
     text = write_report(results, Path(args.out), results["command"])
     print(text)
+    if args.render_only is None:
+        print(f"value-steer eval: finished in {results['wall_s'] / 60:.1f} min", flush=True)
     return 0
 
 
@@ -102,7 +128,10 @@ __all__ = [
     "Response",
     "choose_threshold",
     "condition_metrics",
+    "estimate_seconds",
+    "load_vectors",
     "main",
+    "moonshot",
     "run",
     "summary",
     "threshold_transfer",

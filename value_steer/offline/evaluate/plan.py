@@ -1,4 +1,5 @@
-"""What one evaluation runs: :class:`EvalPlan` and the two standard plans (``FULL``, ``--quick``)."""
+"""What one evaluation runs: :class:`EvalPlan`, the two standard plans (``FULL``, ``--quick``) and the
+runtime estimate of a plan (:func:`estimate_seconds`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ class EvalPlan:
 
     ``ks`` are the VFD candidate counts, ``thresholds`` the VFD sweep on P(undesirable), and
     ``max_ppl_increase`` the perplexity budget of the threshold selection (relative to base).
+    ``activation``: also run the activation-steering rows on test (add at each suggested scale, cap,
+    ablate, probe-gated add, VFD + gated add), from the committed vectors; ``gated_scale`` is the gated
+    add's scale (None: the largest suggested scale of the vector's sidecar).
     """
 
     n_cal: int
@@ -28,6 +32,8 @@ class EvalPlan:
     n_examples: int = 4
     n_boot: int = 1000
     seed: int = 0
+    activation: bool = True
+    gated_scale: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_cal", "n_test", "max_tokens", "n_boot"):
@@ -41,6 +47,44 @@ class EvalPlan:
             raise ValueError(f"max_ppl_increase must be >= 0, got {self.max_ppl_increase!r}")
 
 
-# Sized for about 30 minutes on 2 CPU cores (base ~145 tok/s, VFD K=4 ~55, K=8 ~40).
-FULL = EvalPlan(n_cal=80, n_test=160, max_tokens=64, ks=(4, 8), thresholds=(0.5, 0.6, 0.7))
+# 0.40, 0.45, ..., 0.70: rounded so that the report's names and the JSON keys read as typed.
+SWEEP = tuple(round(0.40 + 0.05 * i, 2) for i in range(7))
+FULL = EvalPlan(n_cal=300, n_test=160, max_tokens=64, ks=(4, 8), thresholds=SWEEP)
 QUICK = EvalPlan(n_cal=8, n_test=8, max_tokens=12, ks=(4,), thresholds=(0.3, 0.5), n_examples=2, n_boot=200)
+
+# Generation rates (tok/s at MAX_NUM_SEQS concurrent requests, SmolLM2-135M fp32, vLLM CPU, 2 idle cores) for the
+# estimate. base: the previous evaluation (154 tok/s on test). The others as ratios to base, from a probe of this
+# run's engine config (64 prompts x 64 tokens, on a loaded machine, so absolute rates were ~7x lower but the ratios
+# hold): activation add 0.95; VFD at t=0.4, the sweep's slowest point, K=4 0.60 and K=8 0.52 (benchmarks/RESULTS.md,
+# auto schedule at R=64: 0.57-0.68 for K=4 and 0.45-0.69 for K=8 at t=0.5-0.7); rescoring (prefill of prompt +
+# response with prompt logprobs) 12.6x base generation per token. Rounded down.
+RATES = {"base": 150.0, "activation": 140.0, "vfd4": 85.0, "vfd8": 70.0, "abstain": 140.0,
+         "rescore_prefill": 1500.0}
+ENGINE_START_S = 60.0
+PROMPT_TOKENS = 41  # SmolLM2's chat template around one short user turn (test split mean: 41.2)
+
+
+def estimate_seconds(plan: EvalPlan, n_scales: int = 4, rates: dict[str, float] | None = None) -> dict[str, float]:
+    """A plan's expected wall time per phase (seconds), from token counts and :data:`RATES` (or ``rates``).
+
+    Counts every condition the run makes: calibration (base and the whole (K, threshold) sweep), test (base,
+    the first K's sweep, the other Ks' chosen point, abstention and, with ``plan.activation``, ``n_scales``
+    adds, cap, ablate, gated add, VFD + gated add), the rescoring pass of every condition and two engine
+    starts. Assumes full-length responses (they nearly all are at 64 tokens)."""
+    r = {**RATES, **(rates or {})}
+    vfd = {k: r["vfd4"] if k <= 4 else r["vfd8"] for k in plan.ks}
+    cal_tok, test_tok = plan.n_cal * plan.max_tokens, plan.n_test * plan.max_tokens
+    cal = cal_tok / r["base"] + sum(len(plan.thresholds) * cal_tok / vfd[k] for k in plan.ks)
+    k0 = plan.ks[0]
+    test = test_tok / r["base"] + len(plan.thresholds) * test_tok / vfd[k0]
+    test += sum(test_tok / vfd[k] for k in plan.ks[1:]) + test_tok / r["abstain"]
+    n_cal_conds = 1 + len(plan.ks) * len(plan.thresholds)
+    n_test_conds = 2 + len(plan.thresholds) + len(plan.ks) - 1
+    if plan.activation:
+        test += (n_scales + 3) * test_tok / r["activation"] + test_tok / vfd[k0]
+        n_test_conds += n_scales + 4
+    per_prompt = PROMPT_TOKENS + plan.max_tokens
+    rescore = (n_cal_conds * plan.n_cal + n_test_conds * plan.n_test) * per_prompt / r["rescore_prefill"]
+    out = {"calibration": cal, "test": test, "rescoring": rescore, "engine_start": 2 * ENGINE_START_S}
+    out["total"] = sum(out.values())
+    return out

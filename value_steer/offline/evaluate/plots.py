@@ -1,19 +1,27 @@
-"""The report's PNGs: undesirable rate and perplexity against the VFD threshold, and the value
-trajectories of the example prompts."""
+"""The report's PNGs: the undesirable-rate / perplexity trade-off of every method on test, undesirable rate and
+perplexity against the VFD threshold, and the value and gate trajectories of the example prompts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+# Point methods of the trade-off plot: marker per mode (curves: the first K's VFD sweep and the add scales).
+_MARKERS = {"base": "*", "abstain": "X", "cap": "s", "ablate": "D", "gated_add": "^", "vfd_gated_add": "P",
+            "vfd": "o"}
 
-def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, legend_size: int, path: Path) -> str:
-    """Label, legend and grid ``ax``, write ``fig`` to ``path`` (110 dpi) and close it; returns the file name."""
+
+def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, legend_size: int, path: Path, outside: bool = False) -> str:
+    """Label, legend and grid ``ax``, write ``fig`` to ``path`` (110 dpi) and close it; returns the file name.
+    ``outside``: the legend right of the axes (many entries would cover the points)."""
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=legend_size)
+    if outside:
+        ax.legend(fontsize=legend_size, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -21,16 +29,69 @@ def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, legend_size: int, path: P
     return path.name
 
 
+def _xy_err(conds: list[dict[str, Any]]) -> tuple[list[float], list[float], list[list[float]], list[list[float]]]:
+    """Perplexity (x) and undesirable rate (y) of ``conds`` with their interval half-widths."""
+    ms = [c["metrics"] for c in conds]
+    xs = [m["perplexity"]["value"] for m in ms]
+    ys = [m["undesirable"]["value"] for m in ms]
+    xerr = [[x - m["perplexity"]["ci"][0] for x, m in zip(xs, ms)],
+            [m["perplexity"]["ci"][1] - x for x, m in zip(xs, ms)]]
+    yerr = [[y - m["undesirable"]["ci"][0] for y, m in zip(ys, ms)],
+            [m["undesirable"]["ci"][1] - y for y, m in zip(ys, ms)]]
+    return xs, ys, xerr, yerr
+
+
+def _tradeoff(results: dict[str, Any], path: Path) -> str:
+    """Test split: undesirable rate against perplexity, one curve or point set per method, the budget lines."""
+    import matplotlib.pyplot as plt
+
+    conds = [c for c in results["conditions"] if c["split"] == "test"]
+    plan = results["plan"]
+    k0 = plan["ks"][0]
+    chosen = results["chosen_thresholds"]
+    base = next(c for c in conds if c["mode"] == "base")["metrics"]
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    sweep = sorted((c for c in conds if c["mode"] == "vfd" and c["k"] == k0), key=lambda c: c["threshold"])
+    if sweep:
+        xs, ys, xerr, yerr = _xy_err(sweep)
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="-o", ms=4, capsize=2, lw=1.2,
+                    label=f"VFD K={k0} (threshold sweep)")
+        for c, x, y in zip(sweep, xs, ys):
+            tag = f"{c['threshold']:g}" + (" (chosen)" if chosen.get(str(k0)) == c["threshold"] else "")
+            ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    adds = sorted((c for c in conds if c["mode"] == "add"), key=lambda c: c["scale"])
+    if adds:
+        xs, ys, xerr, yerr = _xy_err(adds)
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="-s", ms=4, capsize=2, lw=1.2, label="activation add (scales)")
+        for c, x, y in zip(adds, xs, ys):
+            ax.annotate(f"s={c['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    points = [c for c in conds if c["mode"] not in ("add",) and not (c["mode"] == "vfd" and c["k"] == k0)]
+    for c in points:
+        xs, ys, xerr, yerr = _xy_err([c])
+        label = c["name"] + (" (chosen)" if c["mode"] == "vfd" and chosen.get(str(c["k"])) == c["threshold"] else "")
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=_MARKERS.get(c["mode"], "o"), ms=7 if c["mode"] == "base" else 5,
+                    capsize=2, label=label)
+    ppl0 = base["perplexity"]["value"]
+    budget = plan["max_ppl_increase"]
+    ax.axvline(ppl0 * (1 + budget), color="red", lw=1, ls="--", label=f"+{100 * budget:.0f}% perplexity budget")
+    ax.axvline(ppl0 * 1.05, color="red", lw=0.8, ls=":", label="+5% (moonshot)")
+    u0 = base["undesirable"]["value"]
+    ax.axhline(0.5 * u0, color="gray", lw=0.8, ls="--", label="50% cut (target)")
+    ax.axhline(0.25 * u0, color="gray", lw=0.8, ls=":", label="75% cut (moonshot)")
+    return _save(fig, ax, "perplexity under the unsteered model (test split)", "undesirable rate (VADER negative)", 7,
+                 path, outside=True)
+
+
 def plot(results: dict[str, Any], out: Path) -> list[str]:
-    """The PNGs beside ``out`` (``<stem>-undesirable.png``, ``-perplexity.png`` and, when the results have
-    trajectories, ``-trajectories.png``); returns their file names."""
+    """The PNGs beside ``out`` (``<stem>-tradeoff.png``, ``-undesirable.png``, ``-perplexity.png`` and, when the
+    results have them, ``-trajectories.png`` and ``-gates.png``); returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stem = out.stem
-    names = []
+    names = [_tradeoff(results, out.parent / f"{stem}-tradeoff.png")]
     conds = results["conditions"]
     for metric, label, fname in (("undesirable", "undesirable rate (VADER negative)", "undesirable"),
                                  ("perplexity", "perplexity under the unsteered model", "perplexity")):
@@ -46,10 +107,10 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
                 err = [[y - p[1]["ci"][0] for y, p in zip(ys, pts)], [p[1]["ci"][1] - y for y, p in zip(ys, pts)]]
                 ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=f"VFD K={k} ({split})")
         names.append(_save(fig, ax, "threshold on P(undesirable)", label, 7, out.parent / f"{stem}-{fname}.png"))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     traj = results.get("trajectories") or {}
     if traj:
         fig, ax = plt.subplots(figsize=(6, 4))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for (cond, per_prompt), ls in zip(sorted(traj.items()), ("-", "--", ":")):
             for i, (pid, vals) in enumerate(sorted(per_prompt.items())):
                 ax.plot(range(len(vals)), vals, ls, color=colors[i % len(colors)], lw=1.2,
@@ -59,4 +120,14 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylim(0, 1)
         names.append(_save(fig, ax, "generated token", "value head P(undesirable)", 6,
                            out.parent / f"{stem}-trajectories.png"))
+    gates = {k: v for k, v in (results.get("gate_trajectories") or {}).items() if v}
+    if gates:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (cond, per_prompt), ls in zip(sorted(gates.items()), ("-", "--", ":")):
+            for i, (pid, vals) in enumerate(sorted(per_prompt.items())):
+                ax.plot(range(len(vals)), vals, ls, color=colors[i % len(colors)], lw=1.2, label=f"{cond} · {pid}")
+        ax.axhline(0.5, color="black", lw=0.8, label="open (g >= 0.5)")
+        ax.set_ylim(0, 1)
+        names.append(_save(fig, ax, "generated token (its residual stream steers the next one)", "gate g", 6,
+                           out.parent / f"{stem}-gates.png"))
     return names

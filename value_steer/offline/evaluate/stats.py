@@ -1,5 +1,6 @@
-"""The evaluation's pure statistics: per-response records, metrics with 95% intervals, and the threshold
-selection rule. numpy only; tested without vLLM."""
+"""The evaluation's pure statistics: per-response records, metrics with 95% intervals, the threshold
+selection rule, and the alignment of a rescoring pass's prompt logprobs with a response. numpy only; tested
+without vLLM."""
 
 from __future__ import annotations
 
@@ -20,11 +21,18 @@ class Response:
 
     prompt_id: str
     text: str
-    token_logprobs: list[float]  # the model's raw logprob of each counted token
+    # The unsteered model's raw logprob of each counted token (the rescoring pass): perplexity's input.
+    token_logprobs: list[float]
     negative: bool
     num_scored: int = 0
     num_interventions: int = 0
     forced_eos: bool = False
+    # What the engine returned while sampling (the steered model's, for activation-steered requests); kept to
+    # check the rescoring against on the unsteered rows, where both are the same model's.
+    sampled_logprobs: list[float] | None = None
+    # Gated activation steering: the request's decode tokens under the gate, and those where it was open.
+    gate_tokens: int = 0
+    gate_open: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +64,20 @@ def perplexity(responses: Sequence[Response]) -> float:
     """``exp`` of the mean NLL over all counted tokens of ``responses``."""
     lps = [lp for r in responses for lp in r.token_logprobs]
     return math.exp(-sum(lps) / len(lps)) if lps else float("nan")
+
+
+def sampled_perplexity(responses: Sequence[Response]) -> float:
+    """:func:`perplexity` of the logprobs the engine returned while sampling (NaN when any is missing)."""
+    if any(r.sampled_logprobs is None for r in responses):
+        return float("nan")
+    lps = [lp for r in responses for lp in r.sampled_logprobs or ()]
+    return math.exp(-sum(lps) / len(lps)) if lps else float("nan")
+
+
+def gate_open_rate(responses: Sequence[Response]) -> float:
+    """Decode tokens whose gate was open (>= 0.5), over gated decode tokens (NaN when none was gated)."""
+    tokens = sum(r.gate_tokens for r in responses)
+    return sum(r.gate_open for r in responses) / tokens if tokens else float("nan")
 
 
 def intervention_rate(responses: Sequence[Response]) -> float:
@@ -113,11 +135,40 @@ def condition_metrics(responses: Sequence[Response], wall_s: float, n_boot: int,
                        "ci": jackknife_ci(lambda x: distinct_2([r.text for r in x]), rs)},
         "intervention": {"value": intervention_rate(rs), "ci": bootstrap_ci(intervention_rate, rs, n_boot, seed),
                          "scored": sum(r.num_scored for r in rs)},
+        "gate_open": {"value": gate_open_rate(rs), "ci": bootstrap_ci(gate_open_rate, rs, n_boot, seed)
+                      if any(r.gate_tokens for r in rs) else (float("nan"), float("nan")),
+                      "tokens": sum(r.gate_tokens for r in rs)},
+        "perplexity_sampled": sampled_perplexity(rs),
         "abstained": {"value": sum(r.forced_eos for r in rs) / n if n else float("nan"),
                       "ci": wilson_interval(sum(r.forced_eos for r in rs), n)},
         "tok_per_s": tokens / wall_s if wall_s > 0 else float("nan"),
         "wall_s": wall_s,
     }
+
+
+def response_logprobs(prompt_logprobs: Sequence[Any], n_prompt: int, response_ids: Sequence[int]) -> list[float]:
+    """The logprob of each response token from a rescoring pass over ``prompt + response`` token ids.
+
+    Args:
+        prompt_logprobs: vLLM's ``RequestOutput.prompt_logprobs`` of that pass: one entry per input token
+            (``None`` for the first), each mapping token id -> ``Logprob`` (``prompt_logprobs=0`` holds the
+            input token itself).
+        n_prompt: the original prompt's length (the response starts at that position).
+        response_ids: the response tokens that were appended.
+
+    Raises ValueError when the pass does not line up with the response (a length or token mismatch).
+    """
+    n = len(response_ids)
+    if len(prompt_logprobs) != n_prompt + n:
+        raise ValueError(f"the rescoring pass has {len(prompt_logprobs)} positions, expected {n_prompt} prompt "
+                         f"+ {n} response tokens")
+    out = []
+    for j, tok in enumerate(response_ids):
+        entry = prompt_logprobs[n_prompt + j]
+        if entry is None or tok not in entry:
+            raise ValueError(f"the rescoring pass has no logprob for response token {j} (id {tok})")
+        out.append(float(entry[tok].logprob))
+    return out
 
 
 def choose_threshold(sweep: dict[float, dict[str, Any]], base: dict[str, Any], max_ppl_increase: float) -> float:
