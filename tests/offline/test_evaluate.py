@@ -352,7 +352,9 @@ def test_eval_quick_end_to_end(tmp_path):
     names = {(c["split"], c["name"]) for c in results["conditions"]}
     assert ("test", "base") in names and ("calibration", "base") in names
     modes = {c["mode"] for c in results["conditions"] if c["split"] == "test"}
-    assert modes == {"base", "vfd", "abstain", "add", "cap", "ablate", "gated_add", "vfd_gated_add"}
+    assert modes == {"base", "vfd", "abstain", "add", "cap", "ablate", "gated_add", "vfd_gated_add", "logit"}
+    logit = [c for c in results["conditions"] if c["mode"] == "logit"]
+    assert [c["scale"] for c in logit] == [1.0]  # QUICK: the committed generator at strength 1
     n_scales = len(results["vectors"]["scales"])
     assert sum(c["mode"] == "add" for c in results["conditions"]) == n_scales
     for c in results["conditions"]:

@@ -27,6 +27,11 @@ def default_head_path() -> Path:
     return Path(str(resources.files("value_steer") / "data" / "heads" / DEFAULT_HEAD))
 
 
+def default_logit_checkpoint() -> Path:
+    """The committed logit-steering generator (``value-steer train-logit``)."""
+    return Path(str(resources.files("value_steer") / "data" / "logit" / "smollm2-135m-positive.safetensors"))
+
+
 def default_vectors_dir() -> Path:
     """The committed steering vectors (``make serve`` preloads them; each ``<name>.safetensors``)."""
     return Path(str(resources.files("value_steer") / "data" / "vectors"))

@@ -59,7 +59,7 @@ from value_steer.offline.evaluate.steering import load_vectors
 def main(argv: list[str] | None = None) -> int:
     """``value-steer eval [--quick] [--render-only JSON] ...``: run a plan (or re-render a finished run's
     JSON) and write the report; returns the exit status."""
-    from value_steer.offline.assets import default_head_path, default_vectors_dir
+    from value_steer.offline.assets import default_head_path, default_logit_checkpoint, default_vectors_dir
     from value_steer.offline.models import prepare_smollm2
 
     ap = argparse.ArgumentParser(prog="value-steer eval", description=__doc__.splitlines()[0])
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-activation", action="store_true", help="skip the activation-steering rows")
     ap.add_argument("--gated-scale", type=float, default=None,
                     help="the gated add's scale (default: the largest suggested scale of the vector's sidecar)")
+    ap.add_argument("--logit-checkpoint", default=None, metavar="PATH",
+                    help="logit-steering generator (default: the committed SmolLM2 one)")
+    ap.add_argument("--no-logit", action="store_true", help="skip the logit-steering rows")
     ap.add_argument("--render-only", default=None, metavar="JSON",
                     help="re-render the report of a finished run from its .json (no generation)")
     args = ap.parse_args(argv)
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                                     ("seed", args.seed), ("gated_scale", args.gated_scale)) if v is not None}
     if args.no_activation:
         overrides["activation"] = False
+    if args.no_logit:
+        overrides["logit_strengths"] = ()
     if args.ks is not None:
         overrides["ks"] = tuple(args.ks)
     if args.thresholds is not None:
@@ -112,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 load_vectors(vectors)
             except (OSError, ValueError) as exc:
                 ap.error(f"--vectors: {exc}")
-        results = run(plan, model, head, vectors if plan.activation else None, log=lambda s: print(s, flush=True))
+        logit = args.logit_checkpoint or str(default_logit_checkpoint())
+        if plan.logit_strengths and not os.path.isfile(logit):
+            ap.error(f"--logit-checkpoint: not found: {logit} (value-steer train-logit makes one; or --no-logit)")
+        results = run(plan, model, head, vectors if plan.activation else None,
+                      logit_checkpoint=logit if plan.logit_strengths else None, log=lambda s: print(s, flush=True))
         results["command"] = command.strip()
     text = write_report(results, Path(args.out), results["command"])
     print(text)

@@ -20,7 +20,8 @@ class EvalPlan:
     ``max_ppl_increase`` the perplexity budget of the threshold selection (relative to base).
     ``activation``: also run the activation-steering rows on test (add at each suggested scale, cap,
     ablate, probe-gated add, VFD + gated add), from the committed vectors; ``gated_scale`` is the gated
-    add's scale (None: the largest suggested scale of the vector's sidecar).
+    add's scale (None: the largest suggested scale of the vector's sidecar). ``logit_strengths``: the
+    logit-steering rows on test (the committed generator at each request strength; empty: none).
     """
 
     n_cal: int
@@ -34,6 +35,7 @@ class EvalPlan:
     seed: int = 0
     activation: bool = True
     gated_scale: float | None = None
+    logit_strengths: tuple[float, ...] = (0.5, 1.0, 2.0)
 
     def __post_init__(self) -> None:
         for name in ("n_cal", "n_test", "max_tokens", "n_boot"):
@@ -43,6 +45,8 @@ class EvalPlan:
             raise ValueError(f"ks must be integers in [1, {MAX_NUM_CANDIDATES}], got {self.ks!r}")
         if not self.thresholds or any(not (0.0 <= t <= 1.0) for t in self.thresholds):
             raise ValueError(f"thresholds must be values in [0, 1], got {self.thresholds!r}")
+        if any(not (0.0 < s <= 4.0) for s in self.logit_strengths):
+            raise ValueError(f"logit_strengths must be values in (0, 4], got {self.logit_strengths!r}")
         if not self.max_ppl_increase >= 0:
             raise ValueError(f"max_ppl_increase must be >= 0, got {self.max_ppl_increase!r}")
 
@@ -50,7 +54,8 @@ class EvalPlan:
 # 0.40, 0.45, ..., 0.70: rounded so that the report's names and the JSON keys read as typed.
 SWEEP = tuple(round(0.40 + 0.05 * i, 2) for i in range(7))
 FULL = EvalPlan(n_cal=300, n_test=160, max_tokens=64, ks=(4, 8), thresholds=SWEEP)
-QUICK = EvalPlan(n_cal=8, n_test=8, max_tokens=12, ks=(4,), thresholds=(0.3, 0.5), n_examples=2, n_boot=200)
+QUICK = EvalPlan(n_cal=8, n_test=8, max_tokens=12, ks=(4,), thresholds=(0.3, 0.5), n_examples=2, n_boot=200,
+                 logit_strengths=(1.0,))
 
 # Generation rates (tok/s at MAX_NUM_SEQS concurrent requests, SmolLM2-135M fp32, vLLM CPU, 2 idle cores) for the
 # estimate. base: the previous evaluation (154 tok/s on test). The others as ratios to base, from a probe of this
@@ -83,6 +88,8 @@ def estimate_seconds(plan: EvalPlan, n_scales: int = 4, rates: dict[str, float] 
     if plan.activation:
         test += (n_scales + 3) * test_tok / r["activation"] + test_tok / vfd[k0]
         n_test_conds += n_scales + 4
+    test += len(plan.logit_strengths) * test_tok / r["activation"]  # one fused op per step: near base
+    n_test_conds += len(plan.logit_strengths)
     per_prompt = PROMPT_TOKENS + plan.max_tokens
     rescore = (n_cal_conds * plan.n_cal + n_test_conds * plan.n_test) * per_prompt / r["rescore_prefill"]
     out = {"calibration": cal, "test": test, "rescoring": rescore, "engine_start": 2 * ENGINE_START_S}

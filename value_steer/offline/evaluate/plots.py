@@ -8,7 +8,7 @@ from typing import Any
 
 # Point methods of the trade-off plot: marker per mode (curves: the first K's VFD sweep and the add scales).
 _MARKERS = {"base": "*", "abstain": "X", "cap": "s", "ablate": "D", "gated_add": "^", "vfd_gated_add": "P",
-            "vfd": "o"}
+            "vfd": "o", "logit": "v"}
 
 
 def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, legend_size: int, path: Path, outside: bool = False) -> str:

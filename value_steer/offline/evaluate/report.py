@@ -23,7 +23,8 @@ MOONSHOT_MAX_PPL_INCREASE = 0.05
 
 # How each mode is named in the method column, in report order.
 METHODS = {"base": "base", "vfd": "VFD", "abstain": "abstention", "add": "activation add", "cap": "activation cap",
-           "ablate": "activation ablate", "gated_add": "gated add", "vfd_gated_add": "VFD + gated add"}
+           "ablate": "activation ablate", "gated_add": "gated add", "vfd_gated_add": "VFD + gated add",
+           "logit": "logit steering"}
 # Modes whose sampled logprobs are the unsteered model's (the rescoring check runs on them).
 UNSTEERED_MODES = ("base", "vfd", "abstain")
 

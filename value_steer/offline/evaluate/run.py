@@ -145,7 +145,8 @@ def rescore(llm: Any, gens: list[Generated], capture_layer: int | None = None, c
 def to_response(g: Generated, logprobs: list[float], mode: str) -> Response:
     """A :class:`Response` of ``g`` with its rescored ``logprobs``. The intervention counts are VFD's /
     abstention's own (from the worker); an activation-only row counts its gate-open tokens when gated, and
-    every token when not (an ungated op edits every token)."""
+    every token when not (an ungated op edits every token), as does a logit-steering row (every token's
+    logits are shifted, by the generator's gate strength)."""
     st = g.stats
     act = st.get("activation_steering") or {}
     gate_tokens = gate_open = 0
@@ -153,7 +154,7 @@ def to_response(g: Generated, logprobs: list[float], mode: str) -> Response:
         gate_tokens = int(act["gate_tokens"])
         gate_open = round(float(act.get("gate_open_rate") or 0.0) * gate_tokens)
     scored, interv = int(st["num_scored"]), int(st["num_interventions"])
-    if mode in ("add", "cap", "ablate"):
+    if mode in ("add", "cap", "ablate", "logit"):
         scored = interv = len(g.token_ids)
     elif mode == "gated_add":
         scored, interv = gate_tokens, gate_open
@@ -218,9 +219,10 @@ def _gate_trajectories(layer_dir: Path, vectors: SteeringVectors, request_ids: d
 
 
 def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = None, *,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        logit_checkpoint: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every condition of ``plan``; returns the JSON-ready results. ``vectors_dir``: the steering vectors
-    (needed when ``plan.activation``)."""
+    (needed when ``plan.activation``); ``logit_checkpoint``: the logit-steering generator (needed when
+    ``plan.logit_strengths``)."""
     from value_steer.core.checkpoint import load_value_head
     from value_steer.offline.tasks.sentiment import sample_prompts
 
@@ -229,6 +231,8 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
         raise ValueError(f"{head_path}: the sidecar has no threshold (run value-steer calibrate)")
     if plan.activation and vectors_dir is None:
         raise ValueError("plan.activation needs vectors_dir")
+    if plan.logit_strengths and logit_checkpoint is None:
+        raise ValueError("plan.logit_strengths needs logit_checkpoint")
     vectors = load_vectors(vectors_dir) if plan.activation and vectors_dir is not None else None
     act_rows = activation_conditions(vectors, plan.gated_scale) if vectors is not None else []
     est = estimate_seconds(plan, len(vectors.scales) if vectors is not None else 0)
@@ -273,6 +277,8 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
                               "capture": {"dir": str(cap_dir)}}
     if vectors is not None:
         config["steering"] = {"vectors": vectors.dir}
+    if plan.logit_strengths:
+        config["logit_steering"] = {"checkpoint": logit_checkpoint}
     t0 = time.perf_counter()
     llm = _engine(model, config, plan.seed)
     engine_s = time.perf_counter() - t0
@@ -309,6 +315,9 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
         name = f"vfd K={k0} t={chosen[k0]:g} + gated add s={g_scale:g}"
         record(Condition(name, "test", "vfd_gated_add", k0, chosen[k0], g_scale, spec), test, llm,
                {"num_candidates": k0, "threshold": chosen[k0], "steering": spec})
+    for s in plan.logit_strengths:
+        record(Condition(f"logit s={s:g}", "test", "logit", scale=s), test, llm,
+               {"value_steer": False, "logit_steering": s})
     llm.collective_rpc("value_steer_flush_capture")
     del llm  # one engine at a time: the VFD engine's KV cache is freed before the abstention engine starts
 
