@@ -171,6 +171,16 @@ def _check_bool(value: Any, field: str, err: type[ValueError]) -> bool:
     return value
 
 
+def _check_section(sec: Any, name: str) -> None:
+    """A section of ``--additional-config``: a JSON object holding only its own keys (``_SECTION_KEYS``)."""
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{name} must be a JSON object, got {type(sec).__name__}")
+    allowed = _SECTION_KEYS[name]
+    bad = sorted(set(sec) - set(allowed))
+    if bad:
+        raise ConfigError(f"{name}: unknown key(s) {bad}; allowed: {list(allowed)}")
+
+
 def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = True) -> SteerConfig:
     """Validate vLLM's ``additional_config`` dict and return the resolved :class:`SteerConfig`."""
     if raw is None:
@@ -194,12 +204,7 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
                            logit_steering=logit)
     name = present[0]
     sec = raw[name]
-    if not isinstance(sec, dict):
-        raise ConfigError(f"{name} must be a JSON object, got {type(sec).__name__}")
-    allowed = _SECTION_KEYS[name]
-    bad = sorted(set(sec) - set(allowed))
-    if bad:
-        raise ConfigError(f"{name}: unknown key(s) {bad}; allowed: {list(allowed)}")
+    _check_section(sec, name)
     if "value_head_path" not in sec:
         raise ConfigError(f"{name}.value_head_path is required (path to a value-head checkpoint)")
     path = sec["value_head_path"]
@@ -239,11 +244,7 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
 
 
 def _parse_capture(sec: Any) -> CaptureConfig:
-    if not isinstance(sec, dict):
-        raise ConfigError(f"capture must be a JSON object, got {type(sec).__name__}")
-    bad = sorted(set(sec) - set(_SECTION_KEYS["capture"]))
-    if bad:
-        raise ConfigError(f"capture: unknown key(s) {bad}; allowed: {list(_SECTION_KEYS['capture'])}")
+    _check_section(sec, "capture")
     d = sec.get("dir")
     if not isinstance(d, str) or not d:
         raise ConfigError(f"capture.dir must be a non-empty string (output directory), got {d!r}")
@@ -260,12 +261,7 @@ def _check_int(sec: dict[str, Any], key: str, default: int, lo: int, hi: int | N
 
 
 def _parse_steering(sec: Any, check_files: bool) -> SteeringConfig:
-    if not isinstance(sec, dict):
-        raise ConfigError(f"steering must be a JSON object, got {type(sec).__name__}")
-    allowed = _SECTION_KEYS["steering"]
-    bad = sorted(set(sec) - set(allowed))
-    if bad:
-        raise ConfigError(f"steering: unknown key(s) {bad}; allowed: {list(allowed)}")
+    _check_section(sec, "steering")
     vectors = sec.get("vectors")
     if vectors is not None:
         if not isinstance(vectors, str) or not vectors:
@@ -285,12 +281,7 @@ def _parse_steering(sec: Any, check_files: bool) -> SteeringConfig:
 
 
 def _parse_logit_steering(sec: Any, check_files: bool) -> LogitSteeringConfig:
-    if not isinstance(sec, dict):
-        raise ConfigError(f"logit_steering must be a JSON object, got {type(sec).__name__}")
-    allowed = _SECTION_KEYS["logit_steering"]
-    bad = sorted(set(sec) - set(allowed))
-    if bad:
-        raise ConfigError(f"logit_steering: unknown key(s) {bad}; allowed: {list(allowed)}")
+    _check_section(sec, "logit_steering")
     path = sec.get("checkpoint")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"logit_steering.checkpoint must be a non-empty string (a generator .safetensors file), "
