@@ -153,7 +153,7 @@ def test_choose_threshold_on_the_full_grid():
     # threshold inside the budget.
     base = _metrics(0.45, 4.5)
     sweep = {t: _metrics(round(0.1 + 0.5 * (t - 0.4), 4), 4.5 * (1.0 + 0.5 * (0.7 - t))) for t in SWEEP}
-    assert list(sweep) == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
+    assert list(sweep) == [0.4, 0.45, 0.5, 0.55, 0.575, 0.6, 0.625, 0.65, 0.7]
     # +10%: perplexity 4.5 * (1 + 0.5 * (0.7 - t)) <= 4.95 needs t >= 0.5.
     assert choose_threshold(sweep, base, 0.10) == 0.5
     assert choose_threshold(sweep, base, 0.15) == 0.4
@@ -162,7 +162,7 @@ def test_choose_threshold_on_the_full_grid():
 
 def test_full_plan_is_the_issue_sizing_and_fits_two_hours():
     assert (FULL.n_cal, FULL.n_test, FULL.max_tokens, FULL.ks) == (300, 160, 64, (4, 8))
-    assert FULL.thresholds == (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7) and FULL.activation
+    assert FULL.thresholds == (0.4, 0.45, 0.5, 0.55, 0.575, 0.6, 0.625, 0.65, 0.7) and FULL.activation
     est = estimate_seconds(FULL, n_scales=4)
     assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
     assert est["total"] < 2 * 3600

@@ -19,6 +19,7 @@ from value_steer.offline.logit_training import (
     load_responses,
     mean_logprobs,
     preference_pairs,
+    steered_logprobs,
     train_generator,
 )
 
@@ -74,6 +75,36 @@ def test_training_reduces_the_loss_on_a_planted_preference():
     assert best["val_accuracy"] == 1.0 and first["val_accuracy"] < 1.0  # held-out prompts, not memorised pairs
     assert res.history[-1]["train_loss"] < res.history[1]["train_loss"]
     assert float(res.generator.w_up[GOOD].detach().mean()) != 0.0 and not res.generator.training
+
+
+def test_kl_from_the_base():
+    torch.manual_seed(0)
+    lm_head = torch.randn(V, H)
+    hidden, targets = torch.randn(5, H), torch.tensor([1, 2, 3, 4, 5])
+    gen = LogitSteerGenerator(H, V, 2, 3)
+    assert float(steered_logprobs(gen, lm_head, hidden, targets, [5])[1]) == 0.0  # untrained: the base exactly
+    with torch.no_grad():
+        gen.w_up.normal_()
+    _, kl = steered_logprobs(gen, lm_head, hidden, targets, [5])
+    base = (hidden @ lm_head.t()).log_softmax(-1)
+    steered = gen(hidden, hidden @ lm_head.t(), 1.0).log_softmax(-1)
+    ref = (steered.exp() * (steered - base)).sum(-1).mean()
+    torch.testing.assert_close(kl, ref)
+    assert float(kl) > 0.0 and kl.requires_grad
+
+
+def test_kl_weight_keeps_the_generator_closer_to_the_base():
+    """The KL term trades preference margin for fluency: a heavy weight leaves a smaller KL from the base."""
+    responses, pairs, lm_head = _planted()
+    kw = dict(rank=2, gate_hidden=4, epochs=8, lr=3e-2, batch_prompts=3, val_frac=0.25, seed=0, progress=False)
+    free = train_generator(responses, pairs, lm_head, **kw)
+    tied = train_generator(responses, pairs, lm_head, kl_weight=5.0, **kw)
+    kl_free = free.history[free.best_epoch + 1]["val_kl"]
+    kl_tied = tied.history[tied.best_epoch + 1]["val_kl"]
+    assert 0.0 < kl_tied < 0.5 * kl_free
+    assert tied.history[0]["val_kl"] == 0.0 and tied.history[0]["val_loss"] == tied.history[0]["val_dpo"]
+    with pytest.raises(ValueError, match="kl_weight"):
+        train_generator(responses, pairs, lm_head, kl_weight=-1.0, **kw)
 
 
 def test_training_is_deterministic():

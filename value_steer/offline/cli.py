@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gate-hidden", type=int, default=32)
     g.add_argument("--max-strength", type=float, default=2.0)
     g.add_argument("--beta", type=float, default=1.0, help="DPO temperature on the mean log-likelihood margin")
+    g.add_argument("--kl-weight", type=float, default=0.1,
+                   help="weight of the per-token KL from the base in the loss (keeps the steered model fluent)")
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.0)

@@ -15,7 +15,9 @@
 3. **Training** (:func:`train_generator`): the base is frozen: its logits are ``hidden @ lm_head^T`` (the ``lm_head``
    read from the HF folder with safetensors: the tied embedding for SmolLM2; no model is loaded), recomputed per batch.
    The generator (``value_steer.core.logit_steer``) steers them at multiplier 1 (the served default) and the loss is
-   DPO-style on the length-normalised log-likelihoods, ``-logsigmoid(beta (mean log p_chosen - mean log p_rejected))``.
+   DPO-style on the length-normalised log-likelihoods, ``-logsigmoid(beta (mean log p_chosen - mean log p_rejected))``,
+   plus ``kl_weight`` times the mean per-token KL of the steered next-token distribution from the base's (on every
+   position of both responses), which keeps the steered model fluent (perplexity under the base) while it moves.
    AdamW, prompts split into train / validation (``val_frac``), the epoch with the lowest validation loss kept.
 
 Deterministic for a ``--seed`` (per-request sampling seeds, the prompt subset, the initialisation and the batch order).
@@ -79,26 +81,41 @@ def dpo_loss(lp_chosen: torch.Tensor, lp_rejected: torch.Tensor, beta: float) ->
     return -torch.nn.functional.logsigmoid(beta * (lp_chosen - lp_rejected)).mean()
 
 
-def mean_logprobs(gen: LogitSteerGenerator | None, lm_head: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor,
-                  lengths: Sequence[int], strength: float = 1.0) -> torch.Tensor:
-    """Per-response mean log-probability of its tokens under the steered base (the base when ``gen`` is None).
+def steered_logprobs(gen: LogitSteerGenerator | None, lm_head: torch.Tensor, hidden: torch.Tensor,
+                     targets: torch.Tensor, lengths: Sequence[int], strength: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response mean log-probability of its tokens under the steered base, and the mean per-token KL of the
+    steered next-token distribution from the base's.
 
     Args:
-        gen: the generator (gradients flow into it), or None for the frozen base.
+        gen: the generator (gradients flow into it), or None for the frozen base (the KL is then 0).
         lm_head: ``[V, H]`` fp32, the base's output embedding.
         hidden: ``[T, H]`` fp32, the responses' states concatenated; targets: ``[T]`` int64.
         lengths: tokens per response (sum ``T``).
         strength: the request multiplier ``s`` the generator is trained at.
     Returns:
-        ``[n]`` fp32.
+        ``([n] fp32 mean log-probabilities, scalar fp32 mean over the T positions of KL(p_steered || p_base))``.
     """
     with torch.no_grad():
         base = hidden @ lm_head.t()  # [T, V] frozen
-    logits = base if gen is None else gen(hidden, base, strength)
-    lp = logits.log_softmax(dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    lsm = (base if gen is None else gen(hidden, base, strength)).log_softmax(dim=-1)
+    lp = lsm.gather(1, targets.unsqueeze(1)).squeeze(1)
     seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.as_tensor(list(lengths)))
     sums = torch.zeros(len(lengths), dtype=lp.dtype).index_add(0, seg, lp)
-    return sums / torch.as_tensor(list(lengths), dtype=lp.dtype)
+    mean_lp = sums / torch.as_tensor(list(lengths), dtype=lp.dtype)
+    if gen is None:
+        return mean_lp, torch.zeros((), dtype=lp.dtype)
+    with torch.no_grad():
+        base_lsm = base.log_softmax(dim=-1)
+    kl = (lsm.exp() * (lsm - base_lsm)).sum(dim=-1).mean()
+    return mean_lp, kl
+
+
+def mean_logprobs(gen: LogitSteerGenerator | None, lm_head: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor,
+                  lengths: Sequence[int], strength: float = 1.0) -> torch.Tensor:
+    """``[n]`` fp32 per-response mean log-probability of its tokens under the steered base (the base when ``gen`` is
+    None); :func:`steered_logprobs` without the KL."""
+    return steered_logprobs(gen, lm_head, hidden, targets, lengths, strength)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,19 +178,25 @@ def _pair_batch(responses: Sequence[Response], pairs: np.ndarray, pair_prompt: n
 
 @torch.no_grad()
 def _evaluate(gen: LogitSteerGenerator, responses: Sequence[Response], pairs: np.ndarray, pair_prompt: np.ndarray,
-              prompts: list[int], lm_head: torch.Tensor, beta: float, batch_prompts: int) -> dict[str, float]:
-    """Loss and pair accuracy (chosen more likely than rejected) over ``prompts``' pairs, steered and base."""
-    total, n, hits, base_hits = 0.0, 0, 0, 0
+              prompts: list[int], lm_head: torch.Tensor, beta: float, kl_weight: float, batch_prompts: int
+              ) -> dict[str, float]:
+    """Over ``prompts``' pairs: the loss (DPO + ``kl_weight`` KL, as trained), the DPO part, the mean per-token KL
+    from the base, and the pair accuracy (chosen more likely than rejected), steered and base."""
+    total, dpo, kl_sum, n, hits, base_hits = 0.0, 0.0, 0.0, 0, 0, 0
     for group in _batches(prompts, batch_prompts):
         hidden, targets, lengths, idx = _pair_batch(responses, pairs, pair_prompt, group)
-        lp = mean_logprobs(gen, lm_head, hidden, targets, lengths)
+        lp, kl = steered_logprobs(gen, lm_head, hidden, targets, lengths)
         lp0 = mean_logprobs(None, lm_head, hidden, targets, lengths)
         c, r = torch.from_numpy(idx[:, 0]), torch.from_numpy(idx[:, 1])
-        total += float(dpo_loss(lp[c], lp[r], beta)) * idx.shape[0]
+        d = float(dpo_loss(lp[c], lp[r], beta))
+        total += (d + kl_weight * float(kl)) * idx.shape[0]
+        dpo += d * idx.shape[0]
+        kl_sum += float(kl) * idx.shape[0]
         n += idx.shape[0]
         hits += int((lp[c] > lp[r]).sum())
         base_hits += int((lp0[c] > lp0[r]).sum())
-    return {"loss": total / max(n, 1), "accuracy": hits / max(n, 1), "base_accuracy": base_hits / max(n, 1)}
+    n = max(n, 1)
+    return {"loss": total / n, "dpo": dpo / n, "kl": kl_sum / n, "accuracy": hits / n, "base_accuracy": base_hits / n}
 
 
 def train_generator(
@@ -185,6 +208,7 @@ def train_generator(
     gate_hidden: int = 32,
     max_strength: float = 2.0,
     beta: float = 1.0,
+    kl_weight: float = 0.0,
     epochs: int = 3,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
@@ -201,6 +225,9 @@ def train_generator(
         lm_head: ``[V, H]`` fp32 base output embedding.
         rank, gate_hidden, max_strength: the generator's shape and bound.
         beta: the DPO temperature on the mean log-likelihood margin.
+        kl_weight: weight of the mean per-token KL(p_steered || p_base) added to the loss: the generator then moves
+            the distribution only where it buys preference margin (without it, DPO on mean log-likelihoods can
+            push mass onto a few frequent tokens and the steered model repeats itself).
         epochs, lr, weight_decay: AdamW over ``epochs`` passes.
         batch_prompts: prompts per step (all their pairs; each response's logits computed once).
         val_frac: fraction of the prompts (with pairs) held out for validation (none when there are < 2 prompts).
@@ -210,9 +237,9 @@ def train_generator(
     if pairs.size == 0:
         raise ValueError("no preference pairs: no prompt has both a chosen (non-negative) and a rejected (negative) "
                          "response; sample more prompts or more responses per prompt")
-    if epochs < 1 or batch_prompts < 1 or not beta > 0 or not 0.0 <= val_frac < 1.0:
-        raise ValueError(f"need epochs >= 1, batch_prompts >= 1, beta > 0, 0 <= val_frac < 1; got {epochs}, "
-                         f"{batch_prompts}, {beta}, {val_frac}")
+    if epochs < 1 or batch_prompts < 1 or not beta > 0 or not kl_weight >= 0 or not 0.0 <= val_frac < 1.0:
+        raise ValueError(f"need epochs >= 1, batch_prompts >= 1, beta > 0, kl_weight >= 0, 0 <= val_frac < 1; got "
+                         f"{epochs}, {batch_prompts}, {beta}, {kl_weight}, {val_frac}")
     lm_head = lm_head.float()
     v, h = lm_head.shape
     pair_prompt = np.asarray([responses[int(c)].prompt for c in pairs[:, 0]], dtype=np.int64)
@@ -229,10 +256,14 @@ def train_generator(
     gen_order = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(train_prompts) / batch_prompts)
     eval_prompts = val_prompts or train_prompts
-    first = _evaluate(gen, responses, pairs, pair_prompt, eval_prompts, lm_head, beta, batch_prompts)
+    first = _evaluate(gen, responses, pairs, pair_prompt, eval_prompts, lm_head, beta, kl_weight, batch_prompts)
+
+    def record(epoch: float, train_loss: float | None, ev: dict[str, float]) -> dict[str, Any]:
+        return {"epoch": epoch, "train_loss": train_loss, "val_loss": ev["loss"], "val_dpo": ev["dpo"],
+                "val_kl": ev["kl"], "val_accuracy": ev["accuracy"], "val_base_accuracy": ev["base_accuracy"]}
+
     # Epoch -1: the untrained generator (the base itself); it has no training loss.
-    history: list[dict[str, Any]] = [{"epoch": -1.0, "train_loss": None, "val_loss": first["loss"],
-                                        "val_accuracy": first["accuracy"], "val_base_accuracy": first["base_accuracy"]}]
+    history: list[dict[str, Any]] = [record(-1.0, None, first)]
     best_loss, best_epoch, best_state = first["loss"], -1, copy.deepcopy(gen.state_dict())
     bar = _progress(epochs * steps_per_epoch, progress, "logit generator")
     try:
@@ -242,8 +273,10 @@ def train_generator(
             total, count = 0.0, 0
             for group in _batches([train_prompts[i] for i in perm], batch_prompts):
                 hidden, targets, lengths, idx = _pair_batch(responses, pairs, pair_prompt, group)
-                lp = mean_logprobs(gen, lm_head, hidden, targets, lengths)
+                lp, kl = steered_logprobs(gen, lm_head, hidden, targets, lengths)
                 loss = dpo_loss(lp[torch.from_numpy(idx[:, 0])], lp[torch.from_numpy(idx[:, 1])], beta)
+                if kl_weight:
+                    loss = loss + kl_weight * kl
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -252,9 +285,9 @@ def train_generator(
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             gen.eval()
-            ev = _evaluate(gen, responses, pairs, pair_prompt, eval_prompts, lm_head, beta, batch_prompts)
-            history.append({"epoch": float(epoch), "train_loss": total / max(count, 1), "val_loss": ev["loss"],
-                            "val_accuracy": ev["accuracy"], "val_base_accuracy": ev["base_accuracy"]})
+            ev = _evaluate(gen, responses, pairs, pair_prompt, eval_prompts, lm_head, beta, kl_weight,
+                           batch_prompts)
+            history.append(record(float(epoch), total / max(count, 1), ev))
             if ev["loss"] < best_loss:
                 best_loss, best_epoch, best_state = ev["loss"], epoch, copy.deepcopy(gen.state_dict())
     finally:
@@ -384,7 +417,8 @@ def reproduce_command(args: argparse.Namespace, model_given: bool) -> str:
     if model_given:
         parts += ["--model", args.model]
     for flag in ("split", "n_prompts", "samples_per_prompt", "max_tokens", "temperature", "top_p", "rank",
-                 "gate_hidden", "max_strength", "beta", "epochs", "lr", "weight_decay", "batch_prompts", "val_frac",
+                 "gate_hidden", "max_strength", "beta", "kl_weight", "epochs", "lr", "weight_decay", "batch_prompts",
+                 "val_frac",
                  "seed", "out"):  # fmt: skip
         parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return shlex.join(parts)
@@ -429,7 +463,8 @@ def run(args: argparse.Namespace, *, judge: Callable[[list[str]], np.ndarray] | 
     lm_head = load_lm_head(model)
     t0 = time.perf_counter()
     result = train_generator(responses, pairs, lm_head, rank=args.rank, gate_hidden=args.gate_hidden,
-                             max_strength=args.max_strength, beta=args.beta, epochs=args.epochs, lr=args.lr,
+                             max_strength=args.max_strength, beta=args.beta, kl_weight=args.kl_weight,
+                             epochs=args.epochs, lr=args.lr,
                              weight_decay=args.weight_decay, batch_prompts=args.batch_prompts,
                              val_frac=args.val_frac, seed=args.seed)
     t_train = time.perf_counter() - t0
@@ -439,14 +474,15 @@ def run(args: argparse.Namespace, *, judge: Callable[[list[str]], np.ndarray] | 
     training = {
         "base_model": name,
         "method": "GenSteer/CALM-style low-rank logit generator, base frozen; DPO-style loss "
-                  "-logsigmoid(beta * (mean log p_chosen - mean log p_rejected)) at multiplier 1",
+                  "-logsigmoid(beta * (mean log p_chosen - mean log p_rejected)) + kl_weight * mean per-token "
+                  "KL(p_steered || p_base), at multiplier 1",
         "judge": "VADER compound (value_steer.offline.tasks.sentiment): chosen >= -0.05 > rejected",
         "data": {"split": args.split, "prompts": len(prompts), "samples_per_prompt": args.samples_per_prompt,
                  "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                  "responses": len(responses), "chosen_side": n_pos, "pairs": int(pairs.shape[0]),
                  "train_pairs": result.n_train_pairs, "val_pairs": result.n_val_pairs,
                  "mean_compound": float(np.mean(compound(texts))) if texts else None},
-        "hyperparameters": {"beta": args.beta, "epochs": args.epochs, "lr": args.lr,
+        "hyperparameters": {"beta": args.beta, "kl_weight": args.kl_weight, "epochs": args.epochs, "lr": args.lr,
                             "weight_decay": args.weight_decay, "batch_prompts": args.batch_prompts,
                             "val_frac": args.val_frac, "seed": args.seed},
         "parameters": gen.num_parameters(),
@@ -459,8 +495,9 @@ def run(args: argparse.Namespace, *, judge: Callable[[list[str]], np.ndarray] | 
     }
     command = reproduce_command(args, model_given)
     save_logit_steer(args.out, gen, training=training, command=command)
-    print(f"train-logit: best epoch {result.best_epoch}: validation loss {best['val_loss']:.4f}, pair accuracy "
-          f"{best['val_accuracy']:.3f} (base {best['val_base_accuracy']:.3f}); {gen.num_parameters()} parameters",
+    print(f"train-logit: best epoch {result.best_epoch}: validation loss {best['val_loss']:.4f} (DPO "
+          f"{best['val_dpo']:.4f}, KL {best['val_kl']:.4f}), pair accuracy {best['val_accuracy']:.3f} "
+          f"(base {best['val_base_accuracy']:.3f}); {gen.num_parameters()} parameters",
           flush=True)
     print(f"wrote {args.out} (+ .meta.json) in {time.perf_counter() - t_start:.0f}s (sampling {t_sample:.0f}s, "
           f"training {t_train:.0f}s); reproduce: {command}", flush=True)
