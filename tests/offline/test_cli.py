@@ -116,3 +116,11 @@ def test_serve_argv_adds_the_steering_section():
     assert cfg["steering"] == {"vectors": "/v"} and cfg["vfd"]["num_candidates"] == 4
     assert build_parser().parse_args(["serve"]).steering is True
     assert build_parser().parse_args(["serve", "--no-steering"]).steering is False
+
+
+def test_serve_argv_adds_the_logit_steering_section():
+    argv = serve_argv("/m", "/h.safetensors", "vfd", 4, "127.0.0.1", 8000, None, [], None, {"checkpoint": "/g"})
+    cfg = json.loads(argv[argv.index("--additional-config") + 1])
+    assert cfg["logit_steering"] == {"checkpoint": "/g"} and "steering" not in cfg
+    assert build_parser().parse_args(["serve"]).logit_steering is True
+    assert build_parser().parse_args(["serve", "--no-logit-steering"]).logit_steering is False

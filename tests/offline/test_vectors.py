@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from value_steer.offline.vectors import calibrate_gate, choose_layer, difference_of_means, train_probe
@@ -54,3 +55,25 @@ def test_choose_layer_respects_the_budget():
              "9": {"undesirable": 0.4, "perplexity": 4.1}}
     assert choose_layer(sweep, 0.10) == 6
     assert choose_layer(sweep, 0.01) == 9  # nothing within budget: the lowest perplexity
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_layer_sweep_rescores_under_the_unsteered_model(tiny_model_dir):
+    """The sweep's rows through the serving path: an add of scale 0 samples the base's tokens (same seeds), so
+    its rescored perplexity equals the base row's exactly; a large add changes the text and so its perplexity
+    under the unsteered model."""
+    pytest.importorskip("vllm")
+    from value_steer.offline.tasks.sentiment import sample_prompts
+    from value_steer.offline.vectors import layer_sweep
+
+    prompts = sample_prompts("calibration", 4, 0)
+    d = torch.zeros(64)
+    d[0] = 1.0
+    zero = layer_sweep(str(tiny_model_dir), prompts, {1: d}, coef=0.0, max_tokens=8, seed=0)
+    assert set(zero) == {"base", "1"} and zero["base"]["n"] == 4
+    assert math.isfinite(zero["base"]["perplexity"]) and zero["base"]["perplexity"] > 1.0
+    assert zero["1"]["perplexity"] == zero["base"]["perplexity"]
+    big = layer_sweep(str(tiny_model_dir), prompts, {1: d}, coef=500.0, max_tokens=8, seed=0)
+    assert big["base"]["perplexity"] == zero["base"]["perplexity"]
+    assert big["1"]["perplexity"] != big["base"]["perplexity"]

@@ -20,7 +20,14 @@ import os
 import sys
 from pathlib import Path
 
-from value_steer.offline.assets import TEMPERATURE, TOP_P, default_head_path, default_vectors_dir, vllm_cpu_env
+from value_steer.offline.assets import (
+    TEMPERATURE,
+    TOP_P,
+    default_head_path,
+    default_logit_checkpoint,
+    default_vectors_dir,
+    vllm_cpu_env,
+)
 from value_steer.serving import WORKER_CLS
 
 
@@ -37,10 +44,11 @@ def vfd_operating_threshold(head: str) -> float | None:
 
 
 def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str, port: int,
-               threshold: float | None, extra: list[str], steering: dict | None = None) -> list[str]:
+               threshold: float | None, extra: list[str], steering: dict | None = None,
+               logit_steering: dict | None = None) -> list[str]:
     """``vllm serve`` arguments: the model is served under its folder's name (``SmolLM2-135M-Instruct`` for
     the default), not its path, unless ``extra`` names one (``--served-model-name``). ``steering``: the
-    activation-steering section (None: none)."""
+    activation-steering section, ``logit_steering`` the logit-steering one (None: none)."""
     section: dict = {"value_head_path": head}
     if mode == "vfd":
         section["num_candidates"] = num_candidates
@@ -49,6 +57,8 @@ def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str,
     config: dict = {mode: section}
     if steering is not None:
         config["steering"] = steering
+    if logit_steering is not None:
+        config["logit_steering"] = logit_steering
     named = any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in extra)
     name = [] if named else ["--served-model-name", Path(model).name]
     return [
@@ -79,8 +89,14 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         vectors = default_vectors_dir()
         has_vectors = vectors.is_dir() and any(vectors.glob("*.safetensors"))
         steering = {"vectors": str(vectors)} if has_vectors else {}
+    logit = None
+    if args.logit_steering:
+        # The committed generator, off unless a request asks (``"logit_steering": s``); a checkout without one
+        # (a custom install) serves without the section.
+        checkpoint = default_logit_checkpoint()
+        logit = {"checkpoint": str(checkpoint)} if checkpoint.is_file() else None
     argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, threshold, extra,
-                      steering)
+                      steering, logit)
     env = {**vllm_cpu_env("serve", in_process=False), **os.environ}
     print("value-steer serve: python -m value_steer.serving.launcher " + " ".join(argv), flush=True)
     os.execvpe(sys.executable, [sys.executable, "-m", "value_steer.serving.launcher", *argv], env)
@@ -164,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--steering", action=argparse.BooleanOptionalAction, default=True,
                    help="activation steering (a 'steering' section with the committed vectors; default on)")
+    s.add_argument("--logit-steering", action=argparse.BooleanOptionalAction, default=True,
+                   help="logit steering (a 'logit_steering' section with the committed generator, used by the "
+                        "requests that ask; default on)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("capture", help="decode-matched capture of a prompt split, labelled by VADER")

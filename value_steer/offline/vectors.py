@@ -190,26 +190,11 @@ def calibrate_gate(w: torch.Tensor, b: float, streams: list[torch.Tensor], label
     return record
 
 
-def rescore(llm: Any, outs: list[Any]) -> list[float]:
-    """Per response, the mean NLL of its tokens under the unsteered model (one prefill per response)."""
-    from vllm import SamplingParams
-
-    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    prompts = [{"prompt_token_ids": list(o.prompt_token_ids) + list(o.outputs[0].token_ids)} for o in outs]
-    scored = llm.generate(prompts, sp, use_tqdm=False)
-    nll = []
-    for o, s in zip(outs, scored):
-        p = len(o.prompt_token_ids)
-        ids = list(o.outputs[0].token_ids)
-        lps = [s.prompt_logprobs[p + j][t].logprob for j, t in enumerate(ids)]
-        nll.append(-float(np.mean(lps)) if lps else 0.0)
-    return nll
-
-
 def layer_sweep(model: str, prompts: list, directions: dict[int, torch.Tensor], *, coef: float, max_tokens: int,
                 seed: int) -> dict[str, Any]:
     """Undesirable rate and perplexity (under the unsteered model) of ``add(L, d_L, coef)`` per layer, and base."""
     from value_steer.core.steering_spec import Steering, add
+    from value_steer.offline.evaluate.run import rescore_token_ids
     from value_steer.offline.tasks.sentiment import judge_negative
 
     llm = _engine(model, {"steering": {}}, seed)
@@ -222,8 +207,10 @@ def layer_sweep(model: str, prompts: list, directions: dict[int, torch.Tensor], 
         outs = llm.chat([p.messages for p in prompts], _sampling(len(prompts), max_tokens, seed, extra),
                         use_tqdm=False)
         neg = judge_negative([o.outputs[0].text for o in outs])
-        nll = rescore(llm, outs)
-        rows[name] = {"undesirable": float(np.mean(neg)), "perplexity": float(math.exp(np.mean(nll))),
+        # Perplexity as value-steer eval defines it: exp of the mean NLL over all tokens, under the unsteered model.
+        lps, _, _ = rescore_token_ids(llm, [o.prompt_token_ids for o in outs], [o.outputs[0].token_ids for o in outs])
+        flat = [lp for r in lps for lp in r]
+        rows[name] = {"undesirable": float(np.mean(neg)), "perplexity": float(math.exp(-np.mean(flat))),
                       "n": len(outs), "seconds": time.time() - t0}
         print(f"vectors: sweep {name:>4s}: undesirable {rows[name]['undesirable']:.3f} "
               f"ppl {rows[name]['perplexity']:.2f}", flush=True)

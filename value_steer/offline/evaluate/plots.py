@@ -51,26 +51,35 @@ def _tradeoff(results: dict[str, Any], path: Path) -> str:
     chosen = results["chosen_thresholds"]
     base = next(c for c in conds if c["mode"] == "base")["metrics"]
     fig, ax = plt.subplots(figsize=(9.5, 5))
+    # One colour per entry (the default cycle has 10, fewer than the rows); log x: perplexities span 4-40.
+    tab20 = plt.get_cmap("tab20").colors
+    colors = iter((tab20[::2] + tab20[1::2]) * 2)  # the 10 strong colours first, then their light pairs
+    ax.set_xscale("log")
     sweep = sorted((c for c in conds if c["mode"] == "vfd" and c["k"] == k0), key=lambda c: c["threshold"])
     if sweep:
         xs, ys, xerr, yerr = _xy_err(sweep)
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="-o", ms=4, capsize=2, lw=1.2,
-                    label=f"VFD K={k0} (threshold sweep)")
+                    label=f"VFD K={k0} (threshold sweep)", color=next(colors))
         for c, x, y in zip(sweep, xs, ys):
             tag = f"{c['threshold']:g}" + (" (chosen)" if chosen.get(str(k0)) == c["threshold"] else "")
             ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
-    adds = sorted((c for c in conds if c["mode"] == "add"), key=lambda c: c["scale"])
-    if adds:
-        xs, ys, xerr, yerr = _xy_err(adds)
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="-s", ms=4, capsize=2, lw=1.2, label="activation add (scales)")
-        for c, x, y in zip(adds, xs, ys):
-            ax.annotate(f"s={c['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
-    points = [c for c in conds if c["mode"] not in ("add",) and not (c["mode"] == "vfd" and c["k"] == k0)]
+    # Curves over a method's knob (add scale, logit strength); the other rows are single points.
+    curves = {"add": ("-s", "activation add (scales)", "s="), "logit": ("-v", "logit steering (strengths)", "s=")}
+    for mode, (fmt, label, prefix) in curves.items():
+        rows = sorted((c for c in conds if c["mode"] == mode), key=lambda c: c["scale"])
+        if not rows:
+            continue
+        xs, ys, xerr, yerr = _xy_err(rows)
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=fmt, ms=4, capsize=2, lw=1.2, label=label,
+                    color=next(colors))
+        for c, x, y in zip(rows, xs, ys):
+            ax.annotate(f"{prefix}{c['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    points = [c for c in conds if c["mode"] not in curves and not (c["mode"] == "vfd" and c["k"] == k0)]
     for c in points:
         xs, ys, xerr, yerr = _xy_err([c])
         label = c["name"] + (" (chosen)" if c["mode"] == "vfd" and chosen.get(str(c["k"])) == c["threshold"] else "")
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=_MARKERS.get(c["mode"], "o"), ms=7 if c["mode"] == "base" else 5,
-                    capsize=2, label=label)
+                    capsize=2, label=label, color=next(colors))
     ppl0 = base["perplexity"]["value"]
     budget = plan["max_ppl_increase"]
     ax.axvline(ppl0 * (1 + budget), color="red", lw=1, ls="--", label=f"+{100 * budget:.0f}% perplexity budget")
@@ -78,8 +87,13 @@ def _tradeoff(results: dict[str, Any], path: Path) -> str:
     u0 = base["undesirable"]["value"]
     ax.axhline(0.5 * u0, color="gray", lw=0.8, ls="--", label="50% cut (target)")
     ax.axhline(0.25 * u0, color="gray", lw=0.8, ls=":", label="75% cut (moonshot)")
-    return _save(fig, ax, "perplexity under the unsteered model (test split)", "undesirable rate (VADER negative)", 7,
-                 path, outside=True)
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=6)
+    return _save(fig, ax, "perplexity under the unsteered model (test split, log scale)",
+                 "undesirable rate (VADER negative)", 7, path, outside=True)
 
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,28 +115,48 @@ def generate(llm: Any, prompts: list, *, max_tokens: int, extra_args: dict[str, 
     return got, wall
 
 
-def rescore(llm: Any, gens: list[Generated], capture_layer: int | None = None, capture_first: int = 0
-            ) -> tuple[list[list[float]], float, dict[str, str]]:
-    """The unsteered model's raw logprob of every counted token of ``gens`` (one prefill-only pass each).
+def rescore_token_ids(llm: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                      extra_args: Sequence[dict[str, Any] | None] | None = None
+                      ) -> tuple[list[list[float]], list[Any], float]:
+    """The unsteered model's raw logprob of every response token (one prefill-only pass over prompt + response).
 
-    Returns the logprobs, the wall seconds and, when ``capture_layer`` is set, ``{prompt id: request id}`` of
-    the first ``capture_first`` requests, whose residual stream at that layer is captured (gate trajectories).
+    Args:
+        llm: a vLLM ``LLM`` (its unsteered requests are the reference model).
+        prompt_ids, response_ids: per response, the prompt's and the response's token ids.
+        extra_args: per response, the pass's ``SamplingParams.extra_args`` (None: none).
+    Returns:
+        ``(logprobs per response, the pass's RequestOutputs, wall seconds)``.
     """
     from vllm import SamplingParams
 
     prompts, params = [], []
-    for i, g in enumerate(gens):
-        extra: dict[str, Any] = {"value_steer": False}
-        if capture_layer is not None and i < capture_first:
-            extra["capture_layers"] = [capture_layer]
-        prompts.append({"prompt_token_ids": g.prompt_ids + g.token_ids})  # vLLM's TokensPrompt (a TypedDict)
+    for i, (p_ids, r_ids) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        prompts.append({"prompt_token_ids": list(p_ids) + list(r_ids)})  # vLLM's TokensPrompt (a TypedDict)
         # One throw-away greedy token: the pass is for the prompt logprobs.
         params.append(SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                                     extra_args=extra))
+                                     extra_args=extra_args[i] if extra_args is not None else None))
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
-    lps = [response_logprobs(o.prompt_logprobs or [], len(g.prompt_ids), g.token_ids) for g, o in zip(gens, outs)]
+    lps = [response_logprobs(o.prompt_logprobs or [], len(p_ids), list(r_ids))
+           for p_ids, r_ids, o in zip(prompt_ids, response_ids, outs)]
+    return lps, outs, wall
+
+
+def rescore(llm: Any, gens: list[Generated], capture_layer: int | None = None, capture_first: int = 0
+            ) -> tuple[list[list[float]], float, dict[str, str]]:
+    """The unsteered model's raw logprob of every counted token of ``gens`` (:func:`rescore_token_ids`).
+
+    Returns the logprobs, the wall seconds and, when ``capture_layer`` is set, ``{prompt id: request id}`` of
+    the first ``capture_first`` requests, whose residual stream at that layer is captured (gate trajectories).
+    """
+    extras: list[dict[str, Any] | None] = []
+    for i in range(len(gens)):
+        extra: dict[str, Any] = {"value_steer": False}
+        if capture_layer is not None and i < capture_first:
+            extra["capture_layers"] = [capture_layer]
+        extras.append(extra)
+    lps, outs, wall = rescore_token_ids(llm, [g.prompt_ids for g in gens], [g.token_ids for g in gens], extras)
     captured = {g.prompt_id: o.request_id for g, o in zip(gens[:capture_first], outs)} if capture_layer is not None \
         else {}
     return lps, wall, captured
