@@ -109,6 +109,12 @@ def main() -> None:
             "is an underestimate, not that an op beat memory bandwidth"
         )
         notes.append('- the GPU targets do not apply on CPU ("n/a"); they are checked when run on a GPU')
+        notes.append(
+            "- value_head (C++) is batch-invariant by contract (each hidden unit one fixed-order dot product: a "
+            "row's value is bitwise the same alone or in any batch, csrc/value_head.cpp); torch's GEMM is not, "
+            "and its blocking wins from M=16 up; with bf16 weights torch also computes in bf16 where ours is fp32 "
+            "math. That is the price of VFD scores that do not depend on the batch"
+        )
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"## {name} — {date} — commit {git_commit()}"
     body = "\n".join([title, "", *notes, "", *format_table(rows, peak, gpu=dev.type == "cuda")])
