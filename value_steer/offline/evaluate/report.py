@@ -210,11 +210,24 @@ def _runtime(results: dict[str, Any]) -> str:
         *(rt[k] / 60 for k in ("generation", "rescoring", "engine_start", "other"))))
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the source checkout when it lies inside it (the committed data), else as given: the
+    report is committed, so it should not carry this machine's absolute paths."""
+    from value_steer.offline.data_dir import repo_root
+
+    root = repo_root()
+    try:
+        return str(Path(path).resolve().relative_to(root)) if root is not None else path
+    except ValueError:
+        return path
+
+
 def _vectors_lines(results: dict[str, Any]) -> list[str]:
     v = results.get("vectors")
     if not v:
         return []
-    lines = [f"- Activation steering: vectors from `{v['dir']}`: `sentiment` at layer {v['layer']} (unit norm; "
+    lines = [f"- Activation steering: vectors from `{_shown_path(v['dir'])}`: `sentiment` at layer {v['layer']} "
+             "(unit norm; "
              f"mean residual-stream norm there {v['residual_norm']:.1f}; suggested add scales "
              f"{', '.join(f'{s:g}' for s in v['scales'])}; cap floor {v['cap_min']:.3g} on the projection), gate "
              f"probe `sentiment_probe` at layer {v['probe_layer']} (threshold {v['probe_threshold']:.3f}, sharpness "
