@@ -418,8 +418,7 @@ def reproduce_command(args: argparse.Namespace, model_given: bool) -> str:
         parts += ["--model", args.model]
     for flag in ("split", "n_prompts", "samples_per_prompt", "max_tokens", "temperature", "top_p", "rank",
                  "gate_hidden", "max_strength", "beta", "kl_weight", "epochs", "lr", "weight_decay", "batch_prompts",
-                 "val_frac",
-                 "seed", "out"):  # fmt: skip
+                 "val_frac", "seed", "out"):  # fmt: skip
         parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return shlex.join(parts)
 

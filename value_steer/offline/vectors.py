@@ -195,6 +195,7 @@ def layer_sweep(model: str, prompts: list, directions: dict[int, torch.Tensor], 
     """Undesirable rate and perplexity (under the unsteered model) of ``add(L, d_L, coef)`` per layer, and base."""
     from value_steer.core.steering_spec import Steering, add
     from value_steer.offline.evaluate.run import rescore_token_ids
+    from value_steer.offline.evaluate.stats import perplexity_of
     from value_steer.offline.tasks.sentiment import judge_negative
 
     llm = _engine(model, {"steering": {}}, seed)
@@ -207,10 +208,9 @@ def layer_sweep(model: str, prompts: list, directions: dict[int, torch.Tensor], 
         outs = llm.chat([p.messages for p in prompts], _sampling(len(prompts), max_tokens, seed, extra),
                         use_tqdm=False)
         neg = judge_negative([o.outputs[0].text for o in outs])
-        # Perplexity as value-steer eval defines it: exp of the mean NLL over all tokens, under the unsteered model.
+        # Perplexity as value-steer eval defines it, under the unsteered model.
         lps, _, _ = rescore_token_ids(llm, [o.prompt_token_ids for o in outs], [o.outputs[0].token_ids for o in outs])
-        flat = [lp for r in lps for lp in r]
-        rows[name] = {"undesirable": float(np.mean(neg)), "perplexity": float(math.exp(-np.mean(flat))),
+        rows[name] = {"undesirable": float(np.mean(neg)), "perplexity": perplexity_of(lps),
                       "n": len(outs), "seconds": time.time() - t0}
         print(f"vectors: sweep {name:>4s}: undesirable {rows[name]['undesirable']:.3f} "
               f"ppl {rows[name]['perplexity']:.2f}", flush=True)

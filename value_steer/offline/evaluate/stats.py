@@ -60,18 +60,23 @@ def distinct_2(texts: Sequence[str]) -> float:
     return len(set(grams)) / len(grams) if grams else float("nan")
 
 
-def perplexity(responses: Sequence[Response]) -> float:
-    """``exp`` of the mean NLL over all counted tokens of ``responses``."""
-    lps = [lp for r in responses for lp in r.token_logprobs]
+def perplexity_of(token_logprobs: Sequence[Sequence[float]]) -> float:
+    """The project's perplexity: ``exp`` of the mean NLL over all tokens of all responses (each response's
+    token logprobs one sequence; NaN when there are none)."""
+    lps = [lp for r in token_logprobs for lp in r]
     return math.exp(-sum(lps) / len(lps)) if lps else float("nan")
+
+
+def perplexity(responses: Sequence[Response]) -> float:
+    """:func:`perplexity_of` the counted tokens of ``responses`` (their rescored logprobs)."""
+    return perplexity_of([r.token_logprobs for r in responses])
 
 
 def sampled_perplexity(responses: Sequence[Response]) -> float:
     """:func:`perplexity` of the logprobs the engine returned while sampling (NaN when any is missing)."""
     if any(r.sampled_logprobs is None for r in responses):
         return float("nan")
-    lps = [lp for r in responses for lp in r.sampled_logprobs or ()]
-    return math.exp(-sum(lps) / len(lps)) if lps else float("nan")
+    return perplexity_of([r.sampled_logprobs or () for r in responses])
 
 
 def gate_open_rate(responses: Sequence[Response]) -> float:
