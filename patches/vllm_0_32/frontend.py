@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from value_steer.core.config import STEERING_KEY, RequestArgError, parse_request_args
-from value_steer.core.steering_spec import InlineVector, SteeringSpec, VectorRef, fingerprint
+from value_steer.core.steering_spec import InlineVector, SteeringSpec, VectorRef, fingerprint, inline_norm
 from value_steer.patches.vllm_0_32.api import (
     _TYPE_CHECK_ONLY,
     _api_config,
@@ -53,6 +53,10 @@ logger = logging.getLogger("value_steer")
 # on a mismatch (a vector re-registered between admission and scheduling). Set only by salt_request; a
 # client that sends it is refused.
 FINGERPRINT_KEY = "_value_steer_fingerprint"
+# ``{name: content hash}`` of the named vectors the spec was admitted with: the worker runs the request with those
+# versions even when a name is re-registered or deleted before it is scheduled. Set only by salt_request too.
+PINS_KEY = "_value_steer_pins"
+RESERVED_KEYS = (FINGERPRINT_KEY, PINS_KEY)
 # Every steered request's cache salt starts with this; client salts may not.
 SALT_PREFIX = "value_steer:"
 VECTORS_RPC = "value_steer_vectors"
@@ -87,11 +91,31 @@ def model_facts() -> tuple[int | None, int | None]:
     return _MODEL if _MODEL is not None else (None, None)
 
 
+_RESIDUAL_NORMS: tuple[float, ...] | None = None
+
+
+def set_residual_norms(norms: Iterable[float]) -> None:
+    """The worker's start-up measurement of each decoder layer's typical residual norm (its ``"hashes"`` answer)."""
+    global _RESIDUAL_NORMS
+    _RESIDUAL_NORMS = tuple(float(x) for x in norms)
+
+
+def residual_norms() -> tuple[float, ...] | None:
+    """``[num_layers]`` typical residual norms, or None before the worker's answer was seen."""
+    return _RESIDUAL_NORMS
+
+
 # ---- the name -> content-hash mirror --------------------------------------------------------------------------
 
 
 def hash_vector_dir(path: str, hidden_size: int, num_layers: int, max_vectors: int) -> dict[str, str]:
-    """``{name: content hash}`` of a ``steering.vectors`` directory, exactly as the worker's bank loads it.
+    """``{name: content hash}`` of a ``steering.vectors`` directory, exactly as the worker's bank loads it."""
+    return {name: h for name, (h, _norms) in vector_dir_facts(path, hidden_size, num_layers, max_vectors).items()}
+
+
+def vector_dir_facts(path: str, hidden_size: int, num_layers: int,
+                     max_vectors: int) -> dict[str, tuple[str, tuple[float, ...]]]:
+    """``{name: (content hash, per-row norms)}`` of a ``steering.vectors`` directory, as the worker's bank loads it.
 
     A CPU :class:`VectorBank` runs ``load_dir`` (same file rules, same validation, same hashes), sized to
     what the files can need (one slot per row) but never more than the worker's ``max_vectors``, so a
@@ -103,10 +127,10 @@ def hash_vector_dir(path: str, hidden_size: int, num_layers: int, max_vectors: i
     if files == 0:
         return {}
     bank = VectorBank(max(1, min(max_vectors, files * num_layers)), hidden_size, num_layers, "cpu")
-    return {info.name: info.content_hash for info in bank.load_dir(path)}
+    return {info.name: (info.content_hash, info.norms) for info in bank.load_dir(path)}
 
 
-def _load_configured_vectors() -> dict[str, str]:
+def _load_configured_vectors() -> dict[str, tuple[str, tuple[float, ...]]]:
     """The mirror's start: the server config's ``steering.vectors`` directory (empty without one)."""
     cfg = _api_config()
     if cfg is None or cfg.steering is None or not cfg.steering.vectors:
@@ -117,11 +141,12 @@ def _load_configured_vectors() -> dict[str, str]:
             "value_steer: the vector names of steering.vectors cannot be resolved in this process: the model's "
             "hidden size and layer count are unknown (the start-up hook did not call remember_model)"
         )
-    return hash_vector_dir(cfg.steering.vectors, hidden_size, num_layers, cfg.steering.max_vectors)
+    return vector_dir_facts(cfg.steering.vectors, hidden_size, num_layers, cfg.steering.max_vectors)
 
 
 class FrontendVectorNames:
-    """Thread-safe mirror of the worker bank's names: ``name -> content hash``.
+    """Thread-safe mirror of the worker bank's names: ``name -> content hash`` (and the per-row norms, for the
+    dose check, where known).
 
     Loaded lazily by ``loader`` (the configured directory) on the first lookup; :meth:`update` /
     :meth:`remove` made before that are kept and applied on top of the load, so a registration seen early
@@ -129,15 +154,27 @@ class FrontendVectorNames:
     ``process_inputs`` may run on the renderer's thread pool, hence the lock.
 
     Args:
-        loader: returns the starting ``{name: content hash}`` (default: the configured directory).
+        loader: returns the starting ``{name: content hash}`` or ``{name: (content hash, norms)}`` (default: the
+            configured directory).
     """
 
-    def __init__(self, loader: Callable[[], Mapping[str, str]] = _load_configured_vectors) -> None:
+    def __init__(self, loader: Callable[[], Mapping[str, Any]] = _load_configured_vectors) -> None:
         self._loader = loader
         self._lock = threading.Lock()
         self._hashes: dict[str, str] | None = None
+        self._norms: dict[str, tuple[float, ...]] = {}  # by content hash
         self._pending: dict[str, str | None] = {}  # updates before the load (None: removed)
         self.refreshed_at = 0.0  # time.monotonic() of the last replace() (0: never)
+
+    def _split(self, entries: Mapping[str, Any]) -> dict[str, str]:
+        hashes = {}
+        for name, v in entries.items():
+            if isinstance(v, tuple):
+                hashes[name] = v[0]
+                self._norms[v[0]] = tuple(v[1])
+            else:
+                hashes[name] = v
+        return hashes
 
     @property
     def loaded(self) -> bool:
@@ -146,7 +183,7 @@ class FrontendVectorNames:
     def _table(self) -> dict[str, str]:
         # Caller holds the lock. A failed load raises and is retried by the next lookup.
         if self._hashes is None:
-            table = dict(self._loader())
+            table = self._split(self._loader())
             for name, h in self._pending.items():
                 if h is None:
                     table.pop(name, None)
@@ -161,6 +198,11 @@ class FrontendVectorNames:
         with self._lock:
             return self._table().get(name)
 
+    def norms(self, content_hash: str) -> tuple[float, ...] | None:
+        """The per-row norms of the vector with ``content_hash`` (one for ``[H]``), or None when not known."""
+        with self._lock:
+            return self._norms.get(content_hash)
+
     def resolve(self, name: str) -> bool:
         """Whether ``name`` is known (the ``resolve`` callable of ``parse_steering_spec``)."""
         return self.content_hash(name) is not None
@@ -170,9 +212,11 @@ class FrontendVectorNames:
         with self._lock:
             return self._hashes is not None and all(n in self._hashes for n in names)
 
-    def update(self, name: str, content_hash: str) -> None:
+    def update(self, name: str, content_hash: str, norms: Iterable[float] | None = None) -> None:
         """``name`` now stands for ``content_hash`` (the worker confirmed a registration)."""
         with self._lock:
+            if norms is not None:
+                self._norms[content_hash] = tuple(float(x) for x in norms)
             if self._hashes is None:
                 self._pending[name] = content_hash
             else:
@@ -186,9 +230,12 @@ class FrontendVectorNames:
             else:
                 self._hashes.pop(name, None)
 
-    def replace(self, hashes: Mapping[str, str]) -> None:
-        """Install the worker's whole table (its ``"hashes"`` or ``"list"`` answer)."""
+    def replace(self, hashes: Mapping[str, str], norms: Mapping[str, Iterable[float]] | None = None) -> None:
+        """Install the worker's whole table (its ``"hashes"`` or ``"list"`` answer; ``norms`` by name)."""
         with self._lock:
+            for name, n in (norms or {}).items():
+                if name in hashes:
+                    self._norms[hashes[name]] = tuple(float(x) for x in n)
             self._hashes = dict(hashes)
             self._pending.clear()
             self.refreshed_at = time.monotonic()
@@ -211,15 +258,34 @@ def steering_parse_kwargs() -> dict[str, Any]:
     (None where unknown) and the mirror's ``resolve``, so an unknown vector, a wrong length or a layer out
     of range is an HTTP 400 at admission."""
     hidden_size, num_layers = model_facts()
-    return {"hidden_size": hidden_size, "num_layers": num_layers, "resolve": _NAMES.resolve}
+    return {"hidden_size": hidden_size, "num_layers": num_layers, "resolve": _NAMES.resolve,
+            "residual_norms": _RESIDUAL_NORMS, "vector_norm": _vector_norm}
+
+
+def _vector_norm(ref: VectorRef, layer: int, names: FrontendVectorNames | None = None) -> float | None:
+    """The norm of the vector an op at ``layer`` uses, from the mirror (None where it does not know it)."""
+    if not isinstance(ref, str):
+        return inline_norm(ref)
+    names = names if names is not None else _NAMES
+    h = names.content_hash(ref)
+    norms = names.norms(h) if h is not None else None
+    if not norms:
+        return None
+    return norms[layer] if len(norms) > 1 and 0 <= layer < len(norms) else norms[0]
 
 
 # ---- fingerprint and salt -------------------------------------------------------------------------------------
 
 
 def spec_fingerprint(spec: SteeringSpec, names: FrontendVectorNames) -> str:
-    """The spec's fingerprint, every name resolved ONCE through ``names`` (a name re-registered meanwhile
-    cannot give one request two hashes). Raises ``RequestArgError`` naming the field of an unknown name."""
+    """The spec's fingerprint (:func:`spec_pins`)."""
+    return spec_pins(spec, names)[0]
+
+
+def spec_pins(spec: SteeringSpec, names: FrontendVectorNames) -> tuple[str, dict[str, str]]:
+    """``(fingerprint, {name: content hash})``: every name resolved ONCE through ``names`` (a name re-registered
+    meanwhile cannot give one request two hashes). Raises ``RequestArgError`` naming the field of an unknown
+    name."""
     hashes: dict[str, str] = {}
     for field, ref, _layer in spec.vector_refs():
         if isinstance(ref, str) and ref not in hashes:
@@ -234,7 +300,7 @@ def spec_fingerprint(spec: SteeringSpec, names: FrontendVectorNames) -> str:
     def vector_hash(ref: VectorRef) -> str:
         return ref.content_hash if isinstance(ref, InlineVector) else hashes[ref]
 
-    return fingerprint(spec, vector_hash)
+    return fingerprint(spec, vector_hash), hashes
 
 
 def steered_cache_salt(fingerprint_hex: str, client_salt: str | None) -> str:
@@ -263,8 +329,9 @@ def salt_request(request: Any, names: FrontendVectorNames | None = None) -> None
         )
     if not isinstance(args, dict):
         return  # the validator already refused it
-    if FINGERPRINT_KEY in args:
-        raise RequestArgError(f"{FINGERPRINT_KEY} is set by the server; remove it from vllm_xargs / extra_args")
+    for key in RESERVED_KEYS:
+        if key in args:
+            raise RequestArgError(f"{key} is set by the server; remove it from vllm_xargs / extra_args")
     if args.get(STEERING_KEY) is None:
         return
     hidden_size, num_layers = model_facts()
@@ -273,8 +340,8 @@ def salt_request(request: Any, names: FrontendVectorNames | None = None) -> None
                                hidden_size=hidden_size, num_layers=num_layers)
     if steer.steering is None:  # not reached: a non-None spec parses or raises
         return
-    fp = spec_fingerprint(steer.steering, names if names is not None else _NAMES)
-    sp.extra_args = {**args, FINGERPRINT_KEY: fp}
+    fp, pins = spec_pins(steer.steering, names if names is not None else _NAMES)
+    sp.extra_args = {**args, FINGERPRINT_KEY: fp, PINS_KEY: pins}
     request.cache_salt = steered_cache_salt(fp, client_salt)
 
 
@@ -312,15 +379,18 @@ def observe_vectors_answer(action: str | None, name: str | None, answer: Any,
         return
     if action == "register" and isinstance(answer.get("vector"), dict):
         v = answer["vector"]
-        names.update(v["name"], v["hash"])
+        names.update(v["name"], v["hash"], v.get("norms"))
     elif action == "delete" and isinstance(answer.get("deleted"), str):
         names.remove(answer["deleted"])
     elif action == "list" and isinstance(answer.get("vectors"), list):
-        names.replace({v["name"]: v["hash"] for v in answer["vectors"]})
+        names.replace({v["name"]: v["hash"] for v in answer["vectors"]},
+                      {v["name"]: v["norms"] for v in answer["vectors"] if "norms" in v})
     elif action == "hashes" and isinstance(answer.get("hashes"), dict):
         if answer.get("hidden_size") and answer.get("num_layers"):
             _set_model_facts(answer["hidden_size"], answer["num_layers"])
-        names.replace(answer["hashes"])
+        if isinstance(answer.get("residual_norms"), list):
+            set_residual_norms(answer["residual_norms"])
+        names.replace(answer["hashes"], answer.get("norms"))
 
 
 def _observe_rpc(method: Any, args: tuple, kwargs: Mapping[str, Any] | None, results: Any) -> None:

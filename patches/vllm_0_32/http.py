@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import logging
 import math
 import numbers
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -46,13 +48,27 @@ from typing import Any
 # FastAPI resolves route parameters by annotation: a handler's ``request: Request`` is the HTTP request.
 from fastapi import Request
 
-from value_steer.core.config import STEERING_KEY
+from value_steer.core.config import (
+    ALL_REQUEST_KEYS,
+    DEFAULT_MAX_BODY_BYTES,
+    LOGIT_STEERING_KEY,
+    REQUEST_KEYS,
+    STEERING_KEY,
+    TOP_LEVEL_REQUEST_KEYS,
+    misspelled_top_level_key,
+    parse_request_args,
+)
+from value_steer.core.modes import MODE_VFD
+from value_steer.core.safe_json import RequestArgError, loads_bounded, short_repr
 from value_steer.core.steering_spec import NAME_RE, NAME_RULE
+from value_steer.patches.vllm_0_32.api import _api_config
 from value_steer.patches.vllm_0_32.frontend import (
     VECTORS_RPC,
     first_answer,
     model_facts,
     observe_vectors_answer,
+    residual_norms,
+    steering_parse_kwargs,
     vector_names,
 )
 from value_steer.runtime.metrics import steering_collector
@@ -70,7 +86,10 @@ STEERING_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/cha
 # A name miss refreshes the mirror from the worker at most this often (a client naming unknown vectors
 # must not turn every request into an RPC).
 MIN_REFRESH_S = 0.5
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 409: "ConflictError"}
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+                404: "NotFoundError", 409: "ConflictError", 413: "RequestEntityTooLargeError"}
+# The header that carries steering.admin_key on registry mutations (vLLM's --api-key keeps Authorization).
+ADMIN_KEY_HEADER = "x-steering-admin-key"
 
 
 async def _rpc(request: Any, method: str, *args: Any) -> Any:
@@ -127,58 +146,123 @@ def _dump(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
 
 
-def rewrite_steering_body(body: bytes) -> tuple[bytes | None, Any]:
-    """Move a top-level ``"steering"`` of a JSON body into ``vllm_xargs["steering"]`` (a JSON string).
+def decode_json_text(body: bytes) -> tuple[str, bool] | None:
+    """The body as text in the encoding JSON allows (RFC 8259 / Python's ``json``: UTF-8, UTF-16 or UTF-32, with or
+    without a BOM), and whether it was plain UTF-8; None when it decodes in none of them (vLLM answers it)."""
+    try:
+        encoding = json.detect_encoding(body)
+        return body.decode(encoding), encoding == "utf-8"
+    except (UnicodeDecodeError, LookupError):
+        return None
 
-    Returns ``(new body, spec)``: the rewritten body (None: forward the body as it is) and the spec as the
-    client gave it (a dict or a string; None without one). A spec object under ``vllm_xargs.steering`` is
-    turned into its JSON string (vLLM's schema takes strings and numbers there).
+
+def _parse_body(body: bytes) -> tuple[Any, bool] | None:
+    """``(parsed JSON, was plain UTF-8)``; None for a body that is not JSON text (vLLM answers it with a 400).
 
     Raises:
-        SteeringBodyError: a spec given both ways; a top-level ``steering`` that is neither an object nor a
-            string; ``vllm_xargs`` that is not an object while a spec must go into it; a spec with
-            ``use_beam_search`` (vLLM's beam search builds its own sampling parameters without
-            ``vllm_xargs``: the request would be served unsteered).
+        SteeringBodyError: JSON nested deeper than ``safe_json.MAX_JSON_DEPTH``, or a number Python will not convert
+            (an integer of thousands of digits): answered here, as vLLM's own parser would raise a 500 on them.
     """
-    # JSON can spell the key only as "steering" or with \u escapes: anything else has no top-level spec.
-    if b"steering" not in body and b"\\u" not in body:
-        return None, None
+    decoded = decode_json_text(body)
+    if decoded is None:
+        return None
+    text, utf8 = decoded
     try:
-        data = json.loads(body)
-    except ValueError:  # not JSON (or not UTF-8/16/32): vLLM answers it
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
+        return loads_bounded(text, "body"), utf8
+    except RequestArgError as exc:
+        if "not valid JSON" in str(exc) and "Exceeds the limit" not in str(exc):
+            return None  # plain invalid JSON: vLLM's own 400
+        raise SteeringBodyError(str(exc), "body") from None
+
+
+def _move_top_level(data: dict[str, Any]) -> bool:
+    """Move the top-level ``steering`` / ``logit_steering`` into ``vllm_xargs`` (in place); True if ``data``
+    changed. Refuses value_steer's per-request keys sent at the top level and near misses of its top-level keys."""
+    for key in data:
+        if not isinstance(key, str) or key in TOP_LEVEL_REQUEST_KEYS:
+            continue
+        if key in REQUEST_KEYS:
+            raise SteeringBodyError(f"{key}: value_steer's per-request keys go in vllm_xargs (\"vllm_xargs\": "
+                                    f"{{\"{key}\": ...}}); at the top level it would be ignored", key)
+        near = misspelled_top_level_key(key)
+        if near is not None:
+            raise SteeringBodyError(f"unknown top-level key {key!r} (did you mean {near!r}?); value_steer reads "
+                                    f"{list(TOP_LEVEL_REQUEST_KEYS)} at the top level and {list(ALL_REQUEST_KEYS)} in "
+                                    "vllm_xargs", key)
+    changed = False
     xargs = data.get("vllm_xargs")
-    inner = xargs.get(STEERING_KEY) if isinstance(xargs, dict) else None
-    # "steering": null asks for nothing: dropped, so no unknown field is left behind.
-    changed = STEERING_KEY in data
-    top = data.pop(STEERING_KEY, None)
-    if top is not None:
-        if not isinstance(top, (dict, str)):
+    for key in TOP_LEVEL_REQUEST_KEYS:
+        if key not in data:
+            continue
+        changed = True
+        top = data.pop(key)
+        if top is None:  # "steering": null asks for nothing: dropped, so no unknown field is left behind
+            continue
+        if key == STEERING_KEY and not isinstance(top, (dict, str)):
             raise SteeringBodyError(
                 f"steering must be a JSON object like {{\"ops\": [...], \"gate\": {{...}}}} (or a JSON string of "
                 f"one), got {type(top).__name__}", STEERING_KEY)
+        if key == LOGIT_STEERING_KEY and not isinstance(top, (bool, int, float, str)):
+            raise SteeringBodyError(f"logit_steering must be a number or true/false, got {type(top).__name__}", key)
         if xargs is None:
             xargs = data["vllm_xargs"] = {}
         elif not isinstance(xargs, dict):
-            raise SteeringBodyError(f"vllm_xargs must be a JSON object to carry the steering spec, got "
-                                    f"{type(xargs).__name__}", "vllm_xargs")
-        if inner is not None:
-            raise SteeringBodyError("steering and vllm_xargs.steering: the steering spec was given twice; send it "
-                                    "once (the top-level 'steering' object, or 'vllm_xargs.steering' as a JSON "
-                                    "string)", STEERING_KEY)
-        xargs[STEERING_KEY] = top
+            raise SteeringBodyError(f"vllm_xargs must be a JSON object to carry {key}, got {type(xargs).__name__}",
+                                    "vllm_xargs")
+        if xargs.get(key) is not None:
+            raise SteeringBodyError(f"{key} and vllm_xargs.{key}: given twice; send it once (the top-level '{key}' "
+                                    f"or 'vllm_xargs.{key}')", key)
+        # vLLM's schema takes strings and numbers in vllm_xargs: a bool would become 1/0, a switch says what it means.
+        xargs[key] = ("true" if top else "false") if isinstance(top, bool) else top
+    return changed
+
+
+def prepare_body(body: bytes) -> tuple[dict[str, Any] | None, bool, Any]:
+    """Parse a generation body and bring value_steer's keys where vLLM reads them.
+
+    Returns ``(data, changed, spec)``: the parsed object (None: not a JSON object, forward the body as it is),
+    whether it must be re-serialised (a key moved, a spec object turned into its JSON string, or a body that was not
+    UTF-8), and the steering spec as the client gave it (a dict or a string; None without one).
+
+    Raises:
+        SteeringBodyError: see :func:`rewrite_steering_body`.
+    """
+    parsed = _parse_body(body)
+    if parsed is None or not isinstance(parsed[0], dict):
+        return None, False, None
+    data, utf8 = parsed
+    changed = _move_top_level(data) or not utf8
+    xargs = data.get("vllm_xargs")
+    ours = [k for k in ALL_REQUEST_KEYS if isinstance(xargs, dict) and k in xargs]
+    if ours and data.get("use_beam_search"):
+        raise SteeringBodyError(f"use_beam_search: beam search does not carry vllm_xargs, so vllm_xargs.{ours[0]} "
+                                "would be ignored (the steering spec too); steer without beam search",
+                                "use_beam_search")
     spec = xargs.get(STEERING_KEY) if isinstance(xargs, dict) else None
-    if spec is None:
-        return (_dump(data) if changed else None), None
-    if data.get("use_beam_search"):
-        raise SteeringBodyError("use_beam_search: beam search does not carry vllm_xargs, so the steering spec would "
-                                "be ignored; steer without beam search", "use_beam_search")
     if isinstance(spec, dict):
         xargs[STEERING_KEY] = json.dumps(spec, separators=(",", ":"))
         changed = True
-    return (_dump(data) if changed else None), spec
+    return data, changed, spec
+
+
+def rewrite_steering_body(body: bytes) -> tuple[bytes | None, Any]:
+    """Move a top-level ``"steering"`` / ``"logit_steering"`` of a JSON body into ``vllm_xargs`` (the spec as a JSON
+    string).
+
+    Returns ``(new body, spec)``: the rewritten body (None: forward the body as it is) and the spec as the client
+    gave it (a dict or a string; None without one). A spec object under ``vllm_xargs.steering`` is turned into its
+    JSON string (vLLM's schema takes strings and numbers there). A body in UTF-16 or UTF-32 (which vLLM reads too) is
+    re-encoded, so what is checked here is what vLLM reads.
+
+    Raises:
+        SteeringBodyError: a key given both ways; a top-level ``steering`` that is neither an object nor a string;
+            ``vllm_xargs`` that is not an object while a key must go into it; any value_steer key with
+            ``use_beam_search`` (vLLM's beam search builds its own sampling parameters without ``vllm_xargs``: the
+            request would be served unsteered); value_steer's ``vllm_xargs`` keys at the top level, near misses of
+            its top-level keys (``Steering``, ``steer``); JSON nested too deeply.
+    """
+    data, changed, spec = prepare_body(body)
+    return (_dump(data) if data is not None and changed else None), spec
 
 
 def spec_vector_names(spec: Any) -> set[str]:
@@ -233,9 +317,77 @@ def _error(message: str, status: int, param: str | None = None) -> Any:
                                    "param": param, "code": status}}, status_code=status)
 
 
+def body_limit() -> int:
+    """Bytes of one body the middleware and the registry read (``steering.max_body_bytes``, else the default)."""
+    cfg = _api_config()
+    return cfg.steering.max_body_bytes if cfg is not None and cfg.steering is not None else DEFAULT_MAX_BODY_BYTES
+
+
+def _declared_length(scope: MutableMapping[str, Any]) -> int | None:
+    for k, v in scope.get("headers", []):
+        if k.lower() == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: int) -> Any:
+    return _error(f"body: larger than {limit} bytes (steering.max_body_bytes); send less, or raise the limit", 413,
+                  "body")
+
+
+_PARAM = re.compile(r"[A-Za-z_][\w.\[\]]*")
+
+
+def _field_of(message: str) -> str | None:
+    """The field a value_steer error message names first (``steering.ops[1].min``, ``threshold``)."""
+    m = _PARAM.match(message)
+    return m.group(0) if m else None
+
+
+def _body_vfd_problem(data: dict[str, Any]) -> str | None:
+    """What in a body VFD cannot filter, read from its fields before vLLM builds the sampling parameters (the
+    worker and the validator check the parameters themselves; this makes a streamed request a 400 too)."""
+    fmt = data.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return "response_format"
+    for key in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if data.get(key) is not None:
+            return key
+    if data.get("logprobs") == -1 or data.get("top_logprobs") == -1:
+        return "logprobs"
+    return None
+
+
+def validate_generation_body(data: dict[str, Any]) -> None:
+    """Check a generation body's value_steer arguments as the request validator will, before vLLM starts a
+    response, so a streamed request with a bad argument is a 400 too, not an error event after a 200.
+
+    Raises:
+        RequestArgError: naming the field.
+    """
+    cfg = _api_config()
+    xargs = data.get("vllm_xargs")
+    if cfg is None or not isinstance(xargs, dict):
+        return  # vLLM answers a vllm_xargs that is not an object; without the server config the validator checks
+    steer = parse_request_args(xargs, cfg, default_threshold=0.5, **steering_parse_kwargs())
+    if steer.mode == MODE_VFD:
+        field = _body_vfd_problem(data)
+        if field is not None:
+            raise RequestArgError(f"{field}: vfd cannot steer a request with {field} (structured outputs or "
+                                  "full-vocabulary logprobs); send vllm_xargs.value_steer=false to serve it unsteered")
+
+
 class SteeringBodyMiddleware:
-    """Raw ASGI middleware: rewrites the body of :data:`STEERING_ROUTES` POSTs (:func:`rewrite_steering_body`)
-    and refreshes the vector-name mirror for specs naming vectors this process does not know.
+    """Raw ASGI middleware over the generation routes (:data:`STEERING_ROUTES`) and the registry's POST.
+
+    For a generation body: the size limit (413, checked on the declared length before reading and while reading),
+    :func:`prepare_body` (top-level keys into ``vllm_xargs``, encodings, nesting), the vector-name mirror and the
+    layers' residual norms refreshed from the worker where a spec needs them, then
+    :func:`validate_generation_body` (400 naming the field, before vLLM starts any response, streamed or not).
+    The registry's POST gets the size limit only (its route parses the body itself).
 
     Raw ASGI rather than ``@app.middleware("http")``: the downstream app must read the rewritten body from
     ``receive``, which an HTTP middleware's ``request.body()`` does not replace. Only those POSTs are
@@ -248,43 +400,63 @@ class SteeringBodyMiddleware:
         self._last_refresh = -math.inf
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or _route_path(scope) not in STEERING_ROUTES:
+        path = _route_path(scope)
+        generation = path in STEERING_ROUTES
+        if scope["type"] != "http" or scope.get("method") != "POST" or not (generation or path == VECTORS_PATH):
             await self.app(scope, receive, send)
             return
+        limit = body_limit()
+        declared = _declared_length(scope)
+        if declared is not None and declared > limit:
+            await _too_large(limit)(scope, receive, send)
+            return
         messages: list[MutableMapping[str, Any]] = []
+        size = 0
         while True:
             message = await receive()
             messages.append(message)
+            size += len(message.get("body", b""))
+            if size > limit:
+                await _too_large(limit)(scope, receive, send)
+                return
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
-        if messages[-1]["type"] != "http.request":  # the client left mid-body: vLLM sees what it sent
+        if messages[-1]["type"] != "http.request" or not generation:  # the client left mid-body; or the registry
             await self.app(scope, _replay(messages, receive), send)
             return
         body = b"".join(m.get("body", b"") for m in messages)
         try:
-            new_body, spec = rewrite_steering_body(body)
+            data, changed, spec = prepare_body(body)
+            if data is not None:
+                if spec is not None:
+                    await self._refresh_names(scope, spec_vector_names(spec))
+                validate_generation_body(data)
         except SteeringBodyError as exc:
             await _error(str(exc), 400, exc.param)(scope, receive, send)
             return
-        if spec is not None:
-            await self._refresh_names(scope, spec_vector_names(spec))
-        if new_body is not None:
-            body = new_body
+        except RequestArgError as exc:
+            await _error(str(exc), 400, _field_of(str(exc)))(scope, receive, send)
+            return
+        if changed:
+            body = _dump(data)
             scope = {**scope, "headers": _with_length(list(scope.get("headers", [])), len(body))}
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
     async def _refresh_names(self, scope: MutableMapping[str, Any], names: set[str]) -> None:
-        """Load the worker's name table when ``names`` are not all known here: the first spec naming vectors
-        (no directory hashing in this process then), or names another API server process registered. At
-        most once per :data:`MIN_REFRESH_S`; a failure leaves the validator to answer."""
+        """Load the worker's name table when ``names`` are not all known here (the first spec naming vectors, no
+        directory hashing in this process then; or names another API server process registered), or when the
+        layers' residual norms (the dose check's reference) were not seen yet. At most once per
+        :data:`MIN_REFRESH_S`; a failure leaves the validator to answer."""
         mirror = vector_names()
-        if not names or mirror.known(names):
+        if (not names or mirror.known(names)) and residual_norms() is not None:
             return
         client = getattr(getattr(scope.get("app"), "state", None), "engine_client", None)
         if client is None:
             return
         async with self._refresh_lock:  # concurrent misses wait for one refresh, then look again
-            if mirror.known(names) or time.monotonic() - self._last_refresh < MIN_REFRESH_S:
+            if (not names or mirror.known(names)) and residual_norms() is not None:
+                return
+            if time.monotonic() - self._last_refresh < MIN_REFRESH_S:
                 return
             self._last_refresh = time.monotonic()
             try:
@@ -302,9 +474,15 @@ _REGISTER_KEYS = ("name", "data")
 
 
 def _bad_entry(row: list) -> int | None:
-    """Index of the first entry that is not a finite fp32-range number (bools are not numbers here)."""
+    """Index of the first entry that is not a finite fp32-range number (bools are not numbers here; an integer
+    beyond the float range neither)."""
     for j, x in enumerate(row):
-        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or abs(x) > _F32_MAX:
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            return j
+        try:
+            if not math.isfinite(x) or abs(x) > _F32_MAX:
+                return j
+        except OverflowError:
             return j
     return None
 
@@ -320,7 +498,7 @@ def vector_data_problem(data: Any, hidden_size: int | None, num_layers: int | No
         if hidden_size is not None and len(data) != hidden_size:
             return f"data must have exactly {hidden_size} numbers (the model's hidden size), got {len(data)}"
         j = _bad_entry(data)
-        return None if j is None else f"data[{j}] must be a finite float32 number, got {data[j]!r}"
+        return None if j is None else f"data[{j}] must be a finite float32 number, got {short_repr(data[j])}"
     if num_layers is not None and len(data) != num_layers:
         return (f"data: a per-layer vector has exactly {num_layers} rows (the model's decoder layers), "
                 f"got {len(data)}")
@@ -331,7 +509,7 @@ def vector_data_problem(data: Any, hidden_size: int | None, num_layers: int | No
             return f"data[{i}] must be a list of exactly {width} numbers, got {got}"
         j = _bad_entry(row)
         if j is not None:
-            return f"data[{i}][{j}] must be a finite float32 number, got {row[j]!r}"
+            return f"data[{i}][{j}] must be a finite float32 number, got {short_repr(row[j])}"
     return None
 
 
@@ -360,10 +538,30 @@ async def _list_vectors(request: Request) -> Any:
     return _answer(await _vectors_rpc(request, "list"))
 
 
+def _admin_problem(request: Any) -> Any | None:
+    """The refusal of a registry mutation without ``steering.admin_key`` (when one is configured), else None."""
+    cfg = _api_config()
+    key = cfg.steering.admin_key if cfg is not None and cfg.steering is not None else None
+    if key is None:
+        return None
+    given = request.headers.get(ADMIN_KEY_HEADER)
+    if given is None:
+        return _error(f"registering and deleting steering vectors needs the admin key: send it in the "
+                      f"{ADMIN_KEY_HEADER} header (steering.admin_key)", 401, ADMIN_KEY_HEADER)
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        return _error(f"{ADMIN_KEY_HEADER}: wrong admin key", 403, ADMIN_KEY_HEADER)
+    return None
+
+
 async def _register_vector(request: Request) -> Any:
+    refused = _admin_problem(request)
+    if refused is not None:
+        return refused
     try:
-        body = await request.json()
-    except ValueError:
+        body = loads_bounded(await request.body(), "body")
+    except RequestArgError as exc:
+        if "nested" in str(exc) or "Exceeds the limit" in str(exc):
+            return _error(str(exc), 400, "body")
         body = None
     if not isinstance(body, dict):
         return _error('the body must be a JSON object {"name": "<vector name>", "data": [...]}', 400)
@@ -372,7 +570,7 @@ async def _register_vector(request: Request) -> Any:
         return _error(f"unknown key(s) {unknown}; allowed: {list(_REGISTER_KEYS)}", 400, unknown[0])
     name = body.get("name")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        return _error(f"name must be a vector name ({NAME_RULE}), got {name!r}", 400, "name")
+        return _error(f"name must be a vector name ({NAME_RULE}), got {short_repr(name)}", 400, "name")
     hidden_size, num_layers = model_facts()
     problem = vector_data_problem(body.get("data"), hidden_size, num_layers)
     if problem is not None:
@@ -381,8 +579,11 @@ async def _register_vector(request: Request) -> Any:
 
 
 async def _delete_vector(request: Request, name: str) -> Any:
+    refused = _admin_problem(request)
+    if refused is not None:
+        return refused
     if not NAME_RE.fullmatch(name):
-        return _error(f"name must be a vector name ({NAME_RULE}), got {name!r}", 400, "name")
+        return _error(f"name must be a vector name ({NAME_RULE}), got {short_repr(name)}", 400, "name")
     return _answer(await _vectors_rpc(request, "delete", name))
 
 

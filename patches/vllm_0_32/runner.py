@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from value_steer.core.config import RequestArgError, parse_request_args, vfd_uns
 from value_steer.core.modes import MODE_ABSTAIN, MODE_VFD
 from value_steer.patches.vllm_0_32.activation import wrap_decoder_layers
 from value_steer.patches.vllm_0_32.api import refused_sampling_params
-from value_steer.patches.vllm_0_32.frontend import FINGERPRINT_KEY
+from value_steer.patches.vllm_0_32.frontend import FINGERPRINT_KEY, PINS_KEY
 
 logger = logging.getLogger("value_steer")
 
@@ -31,9 +32,33 @@ def client_request_id(internal_id: str) -> str:
     return internal_id.rsplit("-", 1)[0]
 
 
-def request_id_matches(internal_id: str, client_id: str) -> bool:
-    """Whether vLLM's ``internal_id`` belongs to the client's ``client_id`` (exact, or with vLLM's suffix)."""
-    return internal_id == client_id or internal_id.startswith(client_id + "-")
+# vLLM 0.32's request ids: the API server's id (``cmpl-<hex>`` / ``chatcmpl-<hex>``, or the client's
+# X-Request-Id), ``-<prompt index>`` per prompt of a completion, ``<choice>_`` per choice when n > 1
+# (``ParentRequest``), then ``-<8 random characters>`` (``InputProcessor.assign_request_id``).
+_RANDOM_SUFFIX = re.compile(r"-[0-9A-Za-z]{8}$")
+_CHOICE_PREFIX = re.compile(r"^(\d+)_(.+)$")
+_PROMPT_INDEX = re.compile(r"^(.+)-(\d+)$")
+
+
+def request_id_matches(internal_id: str, client_id: str) -> tuple[int, int] | None:
+    """Whether vLLM's ``internal_id`` belongs to the client's ``client_id``; its ``(prompt index, choice index)``
+    when it does (the order of the response's choices), else None.
+
+    Exact ids only: the internal id itself, the id vLLM was given (without its random suffix), or the response's
+    ``id`` once vLLM's per-prompt and per-choice decorations are taken off; never a prefix (``cmpl`` is no
+    request's id).
+    """
+    if internal_id == client_id:
+        return (0, 0)
+    external = _RANDOM_SUFFIX.sub("", internal_id)
+    choice = _CHOICE_PREFIX.match(external)
+    parent, c = (choice.group(2), int(choice.group(1))) if choice else (external, 0)
+    if client_id in (external, parent):
+        return (0, c)
+    prompt = _PROMPT_INDEX.match(parent)
+    if prompt is not None and prompt.group(1) == client_id:
+        return (int(prompt.group(2)), c)
+    return None
 
 
 class SteeringRunnerMixin:
@@ -83,7 +108,8 @@ class SteeringRunnerMixin:
                                                   "prefix-cache salt (is value_steer's vLLM plugin loaded in "
                                                   "the frontend process? check VLLM_PLUGINS)")
                         st.add_request(new.req_id, sp.extra_args, sp.eos_token_id, sp.ignore_eos, sp.min_tokens,
-                                       sp.logprobs is not None, expected_fingerprint=salted)
+                                       sp.logprobs is not None, expected_fingerprint=salted,
+                                       pins=args.get(PINS_KEY))
                         continue
                 except RequestArgError as exc:
                     error = str(exc)

@@ -62,7 +62,8 @@ def test_register_lookup_list_and_flush():
     # Same content under another name shares the slot.
     c = bank.register("calm_copy", calm.tolist())
     assert c.slots == (0,) and bank.usage() == {"max_vectors": 8, "slots_used": 5, "slots_free": 3,
-                                                "inline_slots": 0}
+                                                "inline_slots": 0, "private_slots_per_request": 0,
+                                                "retired_versions": 0}
     assert bank.lookup("calm") == a and bank.lookup("nope") is None and bank.resolve("calm")
     assert [e["name"] for e in bank.list()] == ["calm", "calm_copy", "per_layer"]
     assert bank.list()[2]["slots"] == [1, 2, 3, 4] and bank.list()[0]["in_use"] == 0

@@ -62,7 +62,7 @@ def test_fingerprint_mismatch_is_refused_without_leaking(tmp_path):
                                resolve=bank.resolve)
     good = fingerprint(spec, bank.vector_hash)
     bank.register("calm", np.full(H, 2.0, dtype=np.float32))  # re-registered after the frontend salted
-    with pytest.raises(RequestArgError, match="changed between admission and scheduling"):
+    with pytest.raises(RequestArgError, match="does not match the vectors it was admitted with"):
         st.add_request("x", {"steering": raw}, 2, False, expected_fingerprint=good)
     assert "x" not in st.requests and not st.activation.active
     assert st.add_request("y", {"steering": raw}, 2, False,
@@ -118,3 +118,70 @@ def test_gate_telemetry(tmp_path):
     st.flush()
     assert st.stats_for("g2")["activation_steering"]["gate_tokens"] == 0
     assert u.act_row != g.act_row
+
+
+def _slot_data(st: SteeringState, req_id: str, layer: int = 0) -> np.ndarray:
+    act = st.activation
+    st.flush()
+    row = st.requests[req_id].act_row
+    return act.bank.table[int(act.dev["op_slot"][layer, row, 0])].numpy()
+
+
+@pytest.mark.parametrize("change", ["re-register", "delete"])
+def test_a_request_runs_with_the_version_it_was_admitted_with(tmp_path, change):
+    """Issue 21: a vector re-registered or deleted while requests that name it are queued: each runs with the
+    version its admission pinned (and its fingerprint), none is refused."""
+    st = _state(tmp_path)
+    bank = st.activation.bank
+    old = np.full(H, 1.0, dtype=np.float32)
+    bank.register("calm", old)
+    raw = {"ops": [{"layer": 0, "op": "add", "vector": "calm", "scale": 2.0}]}
+    spec = parse_steering_spec(raw, hidden_size=H, num_layers=L, max_ops=2, max_inline_floats=64, resolve=bank.resolve)
+    pins = {"calm": bank.lookup("calm").content_hash}
+    fp = fingerprint(spec, bank.vector_hash)
+    if change == "delete":
+        bank.delete("calm")
+    else:
+        bank.register("calm", np.full(H, 5.0, dtype=np.float32))
+    st.add_request("q", {"steering": raw}, 2, False, expected_fingerprint=fp, pins=pins)
+    np.testing.assert_array_equal(_slot_data(st, "q"), old)
+    if change == "re-register":  # a request admitted after the change runs with the new version
+        new_pins = {"calm": bank.lookup("calm").content_hash}
+        st.add_request("r", {"steering": raw}, 2, False, pins=new_pins,
+                       expected_fingerprint=fingerprint(spec, bank.vector_hash))
+        np.testing.assert_array_equal(_slot_data(st, "r"), np.full(H, 5.0, dtype=np.float32))
+    # A version that was never registered here is refused, naming the field.
+    with pytest.raises(RequestArgError, match=r"steering.ops\[0\].vector: vector 'calm' was re-registered"):
+        st.add_request("z", {"steering": raw}, 2, False, pins={"calm": "0" * 64})
+
+
+def test_inline_vectors_never_wait_for_a_shared_slot(tmp_path):
+    """Issue 21: with every shared slot taken, an inline-vector request still runs (its row's private slots)."""
+    st = _state(tmp_path)
+    bank = st.activation.bank
+    for i in range(bank.max_vectors):
+        bank.register(f"v{i}", np.random.RandomState(i).randn(H).astype(np.float32))
+    assert bank.usage()["slots_free"] == 0
+    vec = np.random.RandomState(99).randn(H).astype(np.float32)
+    st.add_request("a", {"steering": {"ops": [{"layer": 1, "op": "add", "vector": vec.tolist()}]}}, 2, False)
+    np.testing.assert_array_equal(_slot_data(st, "a", layer=1), vec)
+    st.finish_request("a")
+    assert bank.usage()["slots_free"] == 0  # nothing shared was taken or leaked
+
+
+def test_preloaded_vectors_are_read_only(tmp_path):
+    from safetensors.numpy import save_file
+
+    from value_steer.runtime.activation import ReadOnlyVectorError
+
+    d = tmp_path / "vecs"
+    d.mkdir()
+    save_file({"v": np.ones(H, dtype=np.float32)}, str(d / "calm.safetensors"))
+    st = _state(tmp_path)
+    bank = st.activation.bank
+    bank.load_dir(str(d))
+    with pytest.raises(ReadOnlyVectorError, match="read-only"):
+        bank.register("calm", np.full(H, 2.0, dtype=np.float32))
+    with pytest.raises(ReadOnlyVectorError, match="read-only"):
+        bank.delete("calm")
+    assert bank.list()[0]["readonly"] and bank.register("other", np.ones(H, dtype=np.float32)).name == "other"

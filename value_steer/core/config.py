@@ -35,15 +35,15 @@ asks for logit steering, which needs a ``logit_steering`` section; it too is ind
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from value_steer.core.modes import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_VFD
-from value_steer.core.steering_spec import RequestArgError, SteeringSpec, parse_steering_spec
+from value_steer.core.safe_json import finite_float, loads_bounded, short_repr
+from value_steer.core.steering_spec import RequestArgError, SteeringSpec, VectorRef, check_doses, parse_steering_spec
 
 MAX_NUM_CANDIDATES = 64
 DEFAULT_NUM_CANDIDATES = 4
@@ -53,7 +53,8 @@ _SECTION_KEYS = {
     "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default", "schedule"),
     "abstain": ("value_head_path", "threshold", "direction", "enabled_by_default"),
     "capture": ("dir", "enabled_by_default"),
-    "steering": ("vectors", "max_vectors", "max_ops_per_request", "max_inline_floats"),
+    "steering": ("vectors", "max_vectors", "max_ops_per_request", "max_inline_floats", "max_relative_dose",
+                 "max_body_bytes", "admin_key"),
     "logit_steering": ("checkpoint",),
 }
 # Activation steering (the "steering" section): bank size, per-request op count (the op tables' M) and the
@@ -62,6 +63,15 @@ DEFAULT_MAX_VECTORS = 64
 DEFAULT_MAX_OPS_PER_REQUEST = 8
 MAX_OPS_PER_REQUEST = 64
 DEFAULT_MAX_INLINE_FLOATS = 8 * 4096
+# The largest edit a request may make at a layer, relative to that layer's typical residual-stream norm (measured
+# by the worker at start-up): add |scale * v| / r_L, cap the bound's distance from 0 / r_L, ablate |scale - 1|.
+# Far above any useful steering (collapse sets in near 2, hotwire-vllm's measurements), far below what overflows
+# fp16/bf16/fp32 activations; null in the config turns the check off.
+DEFAULT_MAX_RELATIVE_DOSE = 100.0
+# Bytes of one HTTP body the steering middleware and the registry read (413 beyond): a per-layer vector of a
+# large model ([80][8192] floats as JSON) is about 13 MB.
+DEFAULT_MAX_BODY_BYTES = 32 << 20
+MIN_BODY_BYTES = 1 << 10
 # How VFD forwards its candidates: "eager" (all K in the main forward), "two_phase" (natural sample first,
 # alternatives only for unsafe rows, in a second forward), "auto" (a per-step cost model chooses).
 VFD_SCHEDULES = ("auto", "eager", "two_phase")
@@ -74,6 +84,9 @@ STEERING_KEY = "steering"
 LOGIT_STEERING_KEY = "logit_steering"
 MAX_LOGIT_STRENGTH = 4.0
 ALL_REQUEST_KEYS = (*REQUEST_KEYS, STEERING_KEY, LOGIT_STEERING_KEY)
+# The keys a request body may carry at its top level (the OpenAI SDK's extra_body); the server moves them into
+# vllm_xargs. The others belong in vllm_xargs.
+TOP_LEVEL_REQUEST_KEYS = (STEERING_KEY, LOGIT_STEERING_KEY)
 # How close (difflib ratio, case and "-"/"_" folded) a foreign key must be to one of REQUEST_KEYS to be
 # taken for a misspelling of it: "treshold", "Threshold", "num-candidates", "thresh" are; vLLM's own
 # extra_args keys (kv_transfer_params, ec_transfer_params, kv_cache_report_mode) are far from all of them.
@@ -108,12 +121,25 @@ class SteeringConfig:
     max_vectors: bank slots (``[max_vectors, H]`` fp32 on the device; a per-layer file takes one per row).
     max_ops_per_request: ops per request (the op tables' ``M``).
     max_inline_floats: total floats of one request's inline vectors.
+    max_relative_dose: the largest edit an op may make relative to its layer's typical residual norm (None:
+        unbounded); a request beyond it is refused naming the op.
+    max_body_bytes: bytes of one HTTP body the steering middleware and the vector registry accept (413 beyond).
+    admin_key: when set, registering and deleting vectors over HTTP needs it (header ``X-Steering-Admin-Key``).
     """
 
     vectors: str | None = None
     max_vectors: int = DEFAULT_MAX_VECTORS
     max_ops_per_request: int = DEFAULT_MAX_OPS_PER_REQUEST
     max_inline_floats: int = DEFAULT_MAX_INLINE_FLOATS
+    max_relative_dose: float | None = DEFAULT_MAX_RELATIVE_DOSE
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    admin_key: str | None = None
+
+    def __repr__(self) -> str:  # the admin key stays out of logs
+        key = None if self.admin_key is None else "***"
+        return (f"SteeringConfig(vectors={self.vectors!r}, max_vectors={self.max_vectors}, max_ops_per_request="
+                f"{self.max_ops_per_request}, max_inline_floats={self.max_inline_floats}, max_relative_dose="
+                f"{self.max_relative_dose}, max_body_bytes={self.max_body_bytes}, admin_key={key})")
 
 
 @dataclass(frozen=True)
@@ -155,14 +181,15 @@ class SteerConfig:
         return {MODE_VFD: "vfd", MODE_ABSTAIN: "abstain", MODE_OFF: "none"}[self.mode]
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check_threshold(value: Any, field: str, err: type[ValueError]) -> float:
-    if not _is_number(value) or not math.isfinite(float(value)) or not 0.0 <= float(value) <= 1.0:
-        raise err(f"{field} must be a number in [0, 1] (a value-head probability), got {value!r}")
-    return float(value)
+    bad = f"{field} must be a number in [0, 1] (a value-head probability), got "
+    try:
+        v = finite_float(value, field)
+    except RequestArgError:
+        raise err(bad + short_repr(value)) from None
+    if not 0.0 <= v <= 1.0:
+        raise err(bad + short_repr(value))
+    return v
 
 
 def _check_bool(value: Any, field: str, err: type[ValueError]) -> bool:
@@ -271,12 +298,28 @@ def _parse_steering(sec: Any, check_files: bool) -> SteeringConfig:
         vectors = os.path.expanduser(vectors)
         if check_files and not os.path.isdir(vectors):
             raise ConfigError(f"steering.vectors: no such directory: {vectors}")
+    dose = sec.get("max_relative_dose", DEFAULT_MAX_RELATIVE_DOSE)
+    if dose is not None:
+        bad = f"steering.max_relative_dose must be a finite number > 0 (or null: no limit), got {short_repr(dose)}"
+        try:
+            dose = finite_float(dose, "steering.max_relative_dose")
+        except RequestArgError:
+            raise ConfigError(bad) from None
+        if dose <= 0.0:
+            raise ConfigError(bad)
+    admin_key = sec.get("admin_key")
+    if admin_key is not None and (not isinstance(admin_key, str) or len(admin_key) < 8):
+        raise ConfigError("steering.admin_key must be a string of at least 8 characters (or null: registry open to "
+                          "every client the server's --api-key admits)")
     return SteeringConfig(
         vectors=vectors,
         max_vectors=_check_int(sec, "max_vectors", DEFAULT_MAX_VECTORS, 1, None),
         max_ops_per_request=_check_int(sec, "max_ops_per_request", DEFAULT_MAX_OPS_PER_REQUEST, 1,
                                        MAX_OPS_PER_REQUEST),
         max_inline_floats=_check_int(sec, "max_inline_floats", DEFAULT_MAX_INLINE_FLOATS, 0, None),
+        max_relative_dose=dose,
+        max_body_bytes=_check_int(sec, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, MIN_BODY_BYTES, None),
+        admin_key=admin_key,
     )
 
 
@@ -332,15 +375,8 @@ def _parse_switch(value: Any, field: str) -> bool:
 
 
 def _coerce_number(value: Any, field: str) -> float:
-    # vllm_xargs values may arrive as strings from some clients.
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise RequestArgError(f"{field} must be a number, got {value!r}") from None
-    if not _is_number(value):
-        raise RequestArgError(f"{field} must be a number, got {value!r}")
-    return float(value)
+    # vllm_xargs values may arrive as strings from some clients; inf, nan and huge integers name the field too.
+    return finite_float(value, field, strings=True)
 
 
 def _fold(key: str) -> str:
@@ -371,6 +407,27 @@ def misspelled_request_keys(extra_args: dict[str, Any]) -> dict[str, str | None]
     return found
 
 
+def misspelled_top_level_key(key: str) -> str | None:
+    """The value_steer key a top-level body key was probably meant to be (``Steering``, ``steer``,
+    ``steering_spec``, ``logit-steering``, ``logitSteering``, ``value_steer_x``), or None for a key that is not
+    ours (vLLM's own fields are far from all of them).
+
+    Case and ``-``/``_`` are folded; a key counts when it equals one of :data:`TOP_LEVEL_REQUEST_KEYS` after
+    folding, starts with ``steer`` / ``logit_steer`` / ``logitsteer`` / ``value_steer``, or is within
+    :data:`_STEERING_CUTOFF` of ``steering`` or :data:`_MISSPELLING_CUTOFF` of ``logit_steering``.
+    """
+    if not isinstance(key, str) or key in TOP_LEVEL_REQUEST_KEYS:
+        return None
+    fk = _fold(key)
+    if fk.startswith(("logit_steer", "logitsteer")) or difflib.get_close_matches(
+            fk, [LOGIT_STEERING_KEY], n=1, cutoff=_MISSPELLING_CUTOFF):
+        return LOGIT_STEERING_KEY
+    if fk.startswith(("steer", "value_steer", "valuesteer")) or difflib.get_close_matches(
+            fk, [STEERING_KEY], n=1, cutoff=_STEERING_CUTOFF):
+        return STEERING_KEY
+    return None
+
+
 def parse_request_args(
     extra_args: dict[str, Any] | None,
     cfg: SteerConfig,
@@ -379,6 +436,8 @@ def parse_request_args(
     hidden_size: int | None = None,
     num_layers: int | None = None,
     resolve: Callable[[str], bool] | None = None,
+    residual_norms: Sequence[float] | None = None,
+    vector_norm: Callable[[VectorRef, int], float | None] | None = None,
 ) -> RequestSteer:
     """Resolve one request's ``extra_args`` against the server config.
 
@@ -389,6 +448,9 @@ def parse_request_args(
         hidden_size, num_layers: the model's, to check a ``steering`` spec's vector lengths and layers
             (None: that check is left to the worker).
         resolve: ``resolve(name) -> bool`` for the spec's vector names (None: names not checked here).
+        residual_norms, vector_norm: the layers' typical residual norms and ``vector_norm(ref, layer)``, for the
+            ``steering.max_relative_dose`` check (:func:`~value_steer.core.steering_spec.check_doses`); either None:
+            not checked here.
     Raises:
         RequestArgError: naming the field and the allowed values.
     """
@@ -420,12 +482,14 @@ def parse_request_args(
     if args.get("num_candidates") is not None:
         if cfg.mode != MODE_VFD:
             raise RequestArgError("num_candidates is only valid when the server runs 'vfd'")
-        kv = _coerce_number(args["num_candidates"], "num_candidates")
+        bad = (f"num_candidates must be an integer in [1, {cfg.num_candidates}] (the server's vfd.num_candidates), "
+               f"got {short_repr(args['num_candidates'])}")
+        try:
+            kv = _coerce_number(args["num_candidates"], "num_candidates")
+        except RequestArgError:
+            raise RequestArgError(bad) from None
         if kv != int(kv) or not 1 <= int(kv) <= cfg.num_candidates:
-            raise RequestArgError(
-                f"num_candidates must be an integer in [1, {cfg.num_candidates}] (the server's vfd.num_candidates), "
-                f"got {args['num_candidates']!r}"
-            )
+            raise RequestArgError(bad)
         k = int(kv)
     capture = cfg.capture.enabled_by_default if cfg.capture else False
     if "value_steer_capture" in args:
@@ -451,6 +515,9 @@ def parse_request_args(
             max_inline_floats=cfg.steering.max_inline_floats,
             resolve=resolve,
         )
+        dose = cfg.steering.max_relative_dose
+        if dose is not None and residual_norms is not None and vector_norm is not None:
+            check_doses(spec, residual_norms, dose, vector_norm)
     logit_strength = 0.0
     if args.get(LOGIT_STEERING_KEY) is not None:
         logit_strength = parse_logit_strength(args[LOGIT_STEERING_KEY])
@@ -480,7 +547,8 @@ def parse_logit_strength(value: Any) -> float:
         return 1.0 if value else 0.0
     if isinstance(value, str) and value.strip().lower() in (_TRUE | _FALSE) - {"0", "1"}:  # words; digits: numbers
         return 1.0 if value.strip().lower() in _TRUE else 0.0
-    bad = f"{field} must be a strength multiplier in [0, {MAX_LOGIT_STRENGTH:g}] (0 or false: off), got {value!r}"
+    bad = (f"{field} must be a strength multiplier in [0, {MAX_LOGIT_STRENGTH:g}] (0 or false: off), got "
+           f"{short_repr(value)}")
     try:
         s = _coerce_number(value, field)
     except RequestArgError:
@@ -497,12 +565,16 @@ def _parse_capture_layers(value: Any, cfg: SteerConfig, num_layers: int | None) 
         return ()
     if isinstance(value, str):
         text = value.strip()
-        try:
-            value = json.loads(text) if text.startswith("[") else [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise RequestArgError(f"capture_layers must be a list of layer indices, got {value!r}") from None
+        if text.startswith("["):
+            value = loads_bounded(text, "capture_layers")
+        else:
+            try:
+                value = [int(x) for x in text.split(",") if x.strip()]
+            except ValueError:
+                raise RequestArgError(
+                    f"capture_layers must be a list of layer indices, got {short_repr(value)}") from None
     if not isinstance(value, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        raise RequestArgError(f"capture_layers must be a list of integer layer indices, got {value!r}")
+        raise RequestArgError(f"capture_layers must be a list of integer layer indices, got {short_repr(value)}")
     if not value:
         return ()
     if cfg.capture is None or cfg.steering is None:
@@ -512,7 +584,7 @@ def _parse_capture_layers(value: Any, cfg: SteerConfig, num_layers: int | None) 
     for i, layer in enumerate(value):
         if layer < 0 or (hi is not None and layer >= hi):
             allowed = f"[0, {hi})" if hi is not None else ">= 0"
-            raise RequestArgError(f"capture_layers[{i}] must be a decoder layer in {allowed}, got {layer}")
+            raise RequestArgError(f"capture_layers[{i}] must be a decoder layer in {allowed}, got {short_repr(layer)}")
     return tuple(sorted(set(value)))
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 
 from value_steer.core.activation import FLAG_DECODE, FLAG_GATED, FLAG_PROMPT, OP_ABLATE, OP_ADD, OP_CAP
+from value_steer.core.safe_json import F32_MAX, RequestArgError, finite_float, is_number, loads_bounded
 
 OPS = ("add", "cap", "ablate")
 TOKENS = ("all", "prompt", "decode")
@@ -55,20 +54,13 @@ DEFAULT_SHARPNESS = 10.0
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
 NAME_RE = re.compile(NAME_PATTERN)
 NAME_RULE = "letters, digits, '_', '.', '-'; starting with a letter or digit; at most 128 characters"
-# Values land in fp32 tables: a finite float64 above this would become inf on the device.
-_F32_MAX = float(np.finfo(np.float32).max)
 
 # The op tables' ``op_kind`` of each spec op, and ``op_flags`` of each ``tokens`` value (ungated).
 OP_CODES = {"add": OP_ADD, "cap": OP_CAP, "ablate": OP_ABLATE}
 TOKEN_FLAGS = {"all": FLAG_PROMPT | FLAG_DECODE, "prompt": FLAG_PROMPT, "decode": FLAG_DECODE}
 
 
-class RequestArgError(ValueError):
-    """Invalid per-request ``extra_args`` (the server answers HTTP 400).
-
-    Defined here, below :mod:`value_steer.core.config` (which re-exports it, its public home), so that the
-    config module can call :func:`parse_steering_spec` without an import cycle.
-    """
+__all__ = ["RequestArgError"]  # re-exported: defined in safe_json, public in value_steer.core.config
 
 
 def vector_content_hash(t: torch.Tensor | np.ndarray) -> str:
@@ -229,10 +221,6 @@ class SteeringSpec:
 # ---- parsing ------------------------------------------------------------------------------------------------
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _unknown_keys(obj: dict[str, Any], allowed: Sequence[str], field: str, what: str = "") -> None:
     bad = sorted(str(k) for k in obj if k not in allowed)
     if bad:
@@ -249,14 +237,7 @@ class _Parser:
         self.inline_floats = 0
 
     def number(self, value: Any, field: str) -> float:
-        if not _is_number(value):
-            raise RequestArgError(f"{field} must be a finite number, got {value!r}")
-        v = float(value)
-        if not math.isfinite(v):
-            raise RequestArgError(f"{field} must be a finite number, got {value!r}")
-        if abs(v) > _F32_MAX:
-            raise RequestArgError(f"{field} = {value!r} is outside the float32 range (|x| <= {_F32_MAX:.4g})")
-        return v
+        return finite_float(value, field, f32=True)
 
     def layer(self, value: Any, field: str) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -300,17 +281,20 @@ class _Parser:
         if not value:
             raise RequestArgError(f"{field} must be a non-empty list of floats")
         for j, x in enumerate(value):
-            if not _is_number(x):
+            if not is_number(x):
                 raise RequestArgError(f"{field}[{j}] must be a number, got {x!r}")
-        a = np.asarray(value, dtype=np.float64)
+        try:
+            a = np.asarray(value, dtype=np.float64)
+        except OverflowError:  # an integer beyond the float range: name it
+            a = np.asarray([finite_float(x, f"{field}[{j}]") for j, x in enumerate(value)], dtype=np.float64)
         bad = ~np.isfinite(a)
         if bad.any():
             j = int(np.argmax(bad))
             raise RequestArgError(f"{field}[{j}] must be finite, got {value[j]!r}")
-        over = np.abs(a) > _F32_MAX
+        over = np.abs(a) > F32_MAX
         if over.any():
             j = int(np.argmax(over))
-            raise RequestArgError(f"{field}[{j}] = {value[j]!r} is outside the float32 range")
+            raise RequestArgError(f"{field}[{j}] = {finite_float(value[j], field)!r} is outside the float32 range")
         a32 = a.astype(np.float32)
         if not np.any(a32):
             raise RequestArgError(f"{field} is the zero vector (it has no direction); give a non-zero vector")
@@ -394,12 +378,7 @@ def parse_steering_spec(
         RequestArgError: naming the field (``steering.ops[1].min``) and the allowed values.
     """
     if isinstance(raw, (str, bytes)):
-        try:
-            raw = json.loads(raw)
-        except ValueError as exc:
-            raise RequestArgError(
-                f"steering: not valid JSON ({exc}); expected an object like {{\"ops\": [...], \"gate\": {{...}}}}"
-            ) from None
+        raw = loads_bounded(raw, "steering")
     if not isinstance(raw, dict):
         raise RequestArgError(
             f"steering must be a JSON object with keys {list(SPEC_KEYS)}, got {type(raw).__name__}"
@@ -418,6 +397,54 @@ def parse_steering_spec(
     p = _Parser(hidden_size, num_layers, max_inline_floats, resolve)
     gate = p.gate(raw["gate"]) if raw.get("gate") is not None else None
     return SteeringSpec(tuple(p.op(o, i, gate) for i, o in enumerate(ops)), gate)
+
+
+def op_dose(op: SteeringOp, vector_norm: float, residual_norm: float) -> float:
+    """How large an edit ``op`` can make, relative to its layer's typical residual-stream norm.
+
+    add: ``|scale| * |v| / r``; cap: how far from 0 a bound can force the component (a positive ``min`` or a
+    negative ``max``) over ``r`` (a bound on the other side only ever shrinks the stream); ablate: ``|scale - 1|``
+    (the component is scaled by ``scale``, so the edit is at most ``|scale - 1| |x|``).
+    """
+    if op.op == "add":
+        return abs(op.scale or 0.0) * vector_norm / residual_norm
+    if op.op == "cap":
+        push = max(op.min if op.min is not None else 0.0, -(op.max if op.max is not None else 0.0), 0.0)
+        return push / residual_norm
+    return abs((op.scale if op.scale is not None else 0.0) - 1.0)
+
+
+def check_doses(spec: SteeringSpec, residual_norms: Sequence[float], max_dose: float,
+                vector_norm: Callable[[VectorRef, int], float | None]) -> None:
+    """Refuse an op whose :func:`op_dose` exceeds ``max_dose`` (``steering.max_relative_dose``).
+
+    Args:
+        residual_norms: ``[num_layers]`` typical residual-stream norm per decoder layer (the worker measures them
+            at start-up); a layer without a positive finite norm is not checked.
+        vector_norm: ``vector_norm(ref, layer)``, the norm of the vector an op at ``layer`` uses (None: unknown,
+            the op is not checked here; the worker checks it with its own bank).
+    Raises:
+        RequestArgError: naming the op, its dose and the limit.
+    """
+    for i, op in enumerate(spec.ops):
+        r = float(residual_norms[op.layer]) if 0 <= op.layer < len(residual_norms) else 0.0
+        if not (r > 0.0 and np.isfinite(r)):
+            continue
+        vn = vector_norm(op.vector, op.layer) if op.op == "add" else 0.0
+        if vn is None:
+            continue
+        dose = op_dose(op, vn, r)
+        if dose > max_dose:
+            what = {"add": "|scale| * |vector|", "cap": "the bound's distance from 0",
+                    "ablate": "|scale - 1|"}[op.op]
+            raise RequestArgError(
+                f"steering.ops[{i}]: relative dose {dose:.4g} ({what}, over layer {op.layer}'s typical residual norm "
+                f"{r:.4g}) exceeds steering.max_relative_dose = {max_dose:g}; lower its scale or bounds")
+
+
+def inline_norm(ref: VectorRef) -> float | None:
+    """The norm of an inline vector (None for a name)."""
+    return float(np.linalg.norm(ref.numpy().astype(np.float64))) if isinstance(ref, InlineVector) else None
 
 
 # ---- identity -----------------------------------------------------------------------------------------------

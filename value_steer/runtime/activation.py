@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +40,15 @@ class VectorBankError(ValueError):
 
 class BankFullError(VectorBankError):
     """No free slot: the message names ``max_vectors`` (``steering.max_vectors``)."""
+
+
+class ReadOnlyVectorError(VectorBankError):
+    """A vector loaded from the server's ``steering.vectors`` directory cannot be re-registered or deleted."""
+
+
+# Contents whose last name went (re-registered or deleted) are kept on the host, newest first, up to this many
+# bytes: a request admitted with such a version still runs with it (see ActivationTables.add_request).
+RETIRED_KEEP_BYTES = 64 << 20
 
 
 def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -96,27 +106,40 @@ class VectorBank:
     changed slots once (called by :meth:`ActivationTables.flush`). Thread-safe (registry routes may call
     from another thread than the engine step).
 
+    Besides the shared slots, each request row owns ``private_per_row`` private slots after them
+    (``table[max_vectors + row * private_per_row + k]``): a request's inline vectors, and a named vector's version
+    that is no longer registered, go there, so a request never waits for, or is refused, a shared slot.
+
     Args:
-        max_vectors: slots ``S``.
+        max_vectors: shared slots ``S``.
         hidden_size: ``H``.
         num_layers: the model's decoder layers (the row count of a per-layer entry).
         device: where ``table`` lives.
+        private_rows, private_per_row: the request rows and private slots per row (``table`` is
+            ``[S + private_rows * private_per_row, H]``); 0: no private slots (inline vectors take shared ones).
     """
 
-    def __init__(self, max_vectors: int, hidden_size: int, num_layers: int, device: torch.device | str) -> None:
+    def __init__(self, max_vectors: int, hidden_size: int, num_layers: int, device: torch.device | str,
+                 private_rows: int = 0, private_per_row: int = 0) -> None:
         if max_vectors < 1 or hidden_size < 1 or num_layers < 1:
             raise ValueError("max_vectors, hidden_size and num_layers must be >= 1")
         self.device = torch.device(device)
         self.max_vectors = max_vectors
         self.hidden_size = hidden_size
         self.num_layers = num_layers
-        self._host = _pinned(torch.zeros((max_vectors, hidden_size), dtype=torch.float32), self.device)
+        self.private_rows, self.private_per_row = private_rows, private_per_row
+        total = max_vectors + private_rows * private_per_row
+        self._host = _pinned(torch.zeros((total, hidden_size), dtype=torch.float32), self.device)
         self._host_np = self._host.numpy()
-        self.table = torch.zeros((max_vectors, hidden_size), dtype=torch.float32, device=self.device)
+        self.table = torch.zeros((total, hidden_size), dtype=torch.float32, device=self.device)
         self._free = list(range(max_vectors - 1, -1, -1))  # pop() hands out the lowest slot first
         self._slots: dict[str, _Slot] = {}
         self._names: dict[str, VectorInfo] = {}
-        self._dirty_lo, self._dirty_hi = max_vectors, 0
+        self._readonly: set[str] = set()
+        # content hash -> [n_rows, H] fp32 of versions no name holds any more (newest last), bounded in bytes.
+        self._retired: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._retired_bytes = 0
+        self._dirty: list[tuple[int, int]] = []  # [lo, hi) spans written since the last flush
         self._lock = threading.RLock()
 
     # ---- names ----------------------------------------------------------------------------------------------
@@ -143,16 +166,20 @@ class VectorBank:
             "(steering.max_vectors in --additional-config); delete unused vectors or raise max_vectors"
         )
 
-    def register(self, name: str, data: Any) -> VectorInfo:
+    def register(self, name: str, data: Any, readonly: bool = False) -> VectorInfo:
         """Store ``data`` (``[H]`` or ``[num_layers, H]``, list/array/tensor) under ``name``.
 
         Re-registering a name with new data makes a new vector (new content hash, new fingerprints); the old
-        content's slot is freed once no name and no running request holds it. Same data: a no-op.
+        content's slot is freed once no name and no running request holds it (its data is kept on the host for a
+        while: :meth:`retired_rows`). Same data: a no-op. ``readonly``: the name cannot be re-registered or
+        deleted later (the server's preloaded vectors).
         Raises:
-            VectorBankError: a bad name or data; :class:`BankFullError` when the slots run out.
+            VectorBankError: a bad name or data; :class:`BankFullError` when the slots run out;
+                :class:`ReadOnlyVectorError` for a preloaded name.
         """
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise VectorBankError(f"vector name must be {NAME_RULE}, got {name!r}")
+        self._check_writable(name)
         rows, ndim = self._as_rows(name, data)
         row_hashes = tuple(_row_hash(r) for r in rows)
         if ndim == 1:
@@ -186,15 +213,59 @@ class VectorBank:
             info = VectorInfo(name, content, shape, row_hashes, tuple(self._slots[h].index for h in row_hashes),
                               tuple(self._slots[h].norm for h in row_hashes))
             self._names[name] = info
+            if readonly:
+                self._readonly.add(name)
             return info
+
+    def _check_writable(self, name: str) -> None:
+        if name in self._readonly:
+            raise ReadOnlyVectorError(f"vector {name!r} is loaded from the server's steering.vectors directory and "
+                                      "is read-only; register your vector under another name")
 
     def _alloc(self, h: str, row: np.ndarray) -> _Slot:
         idx = self._free.pop()
-        self._host_np[idx] = row
-        self._dirty_lo, self._dirty_hi = min(self._dirty_lo, idx), max(self._dirty_hi, idx + 1)
+        self._write(idx, row)
         s = _Slot(idx, float(np.linalg.norm(row.astype(np.float64))))
         self._slots[h] = s
         return s
+
+    def _write(self, idx: int, row: np.ndarray) -> None:
+        self._host_np[idx] = row
+        self._dirty.append((idx, idx + 1))
+
+    def _retire(self, info: VectorInfo) -> None:
+        """Keep the rows of a version no name holds any more (newest last; oldest dropped past the byte bound)."""
+        rows = np.stack([self._host_np[i] for i in info.slots]).copy()
+        self._retired.pop(info.content_hash, None)
+        self._retired[info.content_hash] = rows
+        self._retired_bytes += rows.nbytes
+        while self._retired_bytes > RETIRED_KEEP_BYTES and len(self._retired) > 1:
+            _, old = self._retired.popitem(last=False)
+            self._retired_bytes -= old.nbytes
+
+    def version_rows(self, content_hash: str) -> np.ndarray | None:
+        """``[n_rows, H]`` fp32 of a named version by its content hash: a live name's, else a retired one's (a
+        copy), else None (never registered here, or dropped from the retired store)."""
+        with self._lock:
+            for info in self._names.values():
+                if info.content_hash == content_hash:
+                    return np.stack([self._host_np[i] for i in info.slots])
+            rows = self._retired.get(content_hash)
+            return None if rows is None else rows.copy()
+
+    def private_slot(self, row: int, k: int) -> int:
+        """The index of request row ``row``'s ``k``-th private slot."""
+        if not 0 <= row < self.private_rows or not 0 <= k < self.private_per_row:
+            raise VectorBankError(f"private slot ({row}, {k}) out of range ({self.private_rows} rows x "
+                                  f"{self.private_per_row})")
+        return self.max_vectors + row * self.private_per_row + k
+
+    def write_private(self, row: int, k: int, data: np.ndarray) -> int:
+        """Write ``data`` (``[H]``) into request row ``row``'s ``k``-th private slot; returns its index."""
+        idx = self.private_slot(row, k)
+        with self._lock:
+            self._write(idx, np.asarray(data, dtype=np.float32))
+        return idx
 
     def _maybe_free(self, h: str) -> None:
         s = self._slots[h]
@@ -203,6 +274,7 @@ class VectorBank:
             self._free.append(s.index)
 
     def _drop_name(self, info: VectorInfo) -> None:
+        self._retire(info)
         for h in dict.fromkeys(info.row_hashes):
             self._slots[h].names -= 1
             self._maybe_free(h)
@@ -239,17 +311,18 @@ class VectorBank:
             info = self._names.get(name)
             if info is None:
                 raise VectorBankError(f"unknown vector {name!r}")
+            self._check_writable(name)
             users = sum(self._slots[h].users for h in dict.fromkeys(info.row_hashes))
             del self._names[name]
             self._drop_name(info)
             return users
 
     def list(self) -> list[dict[str, Any]]:
-        """Every named entry: ``name``, ``hash``, ``shape``, ``norms`` (per row), ``slots``, ``in_use``
-        (running-request references), sorted by name."""
+        """Every named entry: ``name``, ``hash``, ``shape``, ``norms`` (per row), ``slots``, ``readonly``,
+        ``in_use`` (running-request references), sorted by name."""
         with self._lock:
             return [{"name": i.name, "hash": i.content_hash, "shape": list(i.shape), "norms": list(i.norms),
-                     "slots": list(i.slots),
+                     "slots": list(i.slots), "readonly": i.name in self._readonly,
                      "in_use": sum(self._slots[h].users for h in dict.fromkeys(i.row_hashes))}
                     for i in sorted(self._names.values(), key=lambda i: i.name)]
 
@@ -257,7 +330,8 @@ class VectorBank:
         """Slot use: ``max_vectors``, ``slots_used``, ``slots_free``, ``inline_slots`` (held by requests only)."""
         with self._lock:
             return {"max_vectors": self.max_vectors, "slots_used": len(self._slots), "slots_free": len(self._free),
-                    "inline_slots": sum(1 for s in self._slots.values() if s.names == 0)}
+                    "inline_slots": sum(1 for s in self._slots.values() if s.names == 0),
+                    "private_slots_per_request": self.private_per_row, "retired_versions": len(self._retired)}
 
     # ---- running requests -----------------------------------------------------------------------------------
     def acquire(self, content_hash: str) -> int:
@@ -324,21 +398,28 @@ class VectorBank:
                 raise VectorBankError(f"{full}: expected exactly one tensor ([H] or [num_layers, H]), "
                                       f"found {len(tensors)}: {sorted(tensors)}")
             try:
-                out.append(self.register(fname[: -len(".safetensors")], next(iter(tensors.values()))))
+                out.append(self.register(fname[: -len(".safetensors")], next(iter(tensors.values())), readonly=True))
             except VectorBankError as exc:
                 raise type(exc)(f"{full}: {exc}") from None
         return out
 
     def flush(self) -> bool:
-        """Copy the span of slots written since the last flush (one non-blocking copy); False if none."""
+        """Copy the slots written since the last flush (one non-blocking copy per run of adjacent slots); False if
+        none."""
         with self._lock:
-            lo, hi = self._dirty_lo, self._dirty_hi
-            if lo >= hi:
+            if not self._dirty:
                 return False
-            self._dirty_lo, self._dirty_hi = self.max_vectors, 0
-            dst = self.table[lo:hi]
-            if dst.data_ptr() != self._host.data_ptr():
-                dst.copy_(self._host[lo:hi], non_blocking=True)
+            spans: list[list[int]] = []
+            for lo, hi in sorted(self._dirty):
+                if spans and lo <= spans[-1][1]:
+                    spans[-1][1] = max(spans[-1][1], hi)
+                else:
+                    spans.append([lo, hi])
+            self._dirty.clear()
+            for lo, hi in spans:
+                dst = self.table[lo:hi]
+                if dst.data_ptr() != self._host.data_ptr() + lo * self._host.stride(0) * self._host.element_size():
+                    dst.copy_(self._host[lo:hi], non_blocking=True)
             return True
 
 
@@ -484,8 +565,14 @@ class ActivationTables:
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 1 <= row < self.num_rows:
             raise ValueError(f"row must be an int in [1, {self.num_rows}), got {row!r}")
 
-    def add_request(self, row: int, spec: SteeringSpec | None, capture_layers: tuple[int, ...] = ()) -> None:
+    def add_request(self, row: int, spec: SteeringSpec | None, capture_layers: tuple[int, ...] = (),
+                    pins: dict[str, str] | None = None) -> None:
         """Write ``spec`` into row ``row`` (host mirrors; :meth:`flush` publishes) and hold its vectors.
+
+        ``pins``: ``{name: content hash}`` of the versions the request was admitted with (the frontend's); a name
+        re-registered or deleted since runs with its pinned version, held in the row's private slots when no
+        shared slot holds it any more. Inline vectors go to the row's private slots too (when the bank has them),
+        so no request is refused for a full bank.
 
         ``spec`` may be None for a request that only captures (``capture_layers``: decoder layers whose
         residual stream the row's tokens write to ``capture_buf``; needs ``capture=True``).
@@ -520,17 +607,28 @@ class ActivationTables:
             raise ValueError(f"steering.gate.layer {g.layer} out of range [0, {self.num_layers})")
         held: list[str] = []
         slots: list[int] = []
+        private = 0
+        bank = self.bank
         try:
             for fld, ref, layer in spec.vector_refs():
+                data = None
                 try:
-                    h, s = self.bank.acquire_ref(ref, layer)
+                    if isinstance(ref, InlineVector) and bank.private_per_row:
+                        data = ref.numpy()
+                    elif isinstance(ref, str) and pins is not None and ref in pins:
+                        data = self._pinned_row(fld, ref, pins[ref], layer)
+                    if data is None:
+                        h, s = bank.acquire_ref(ref, layer)
+                        held.append(h)
+                    else:
+                        s = bank.write_private(row, private, data)
+                        private += 1
                 except VectorBankError as exc:
                     raise RequestArgError(f"{fld}: {exc}") from None
-                held.append(h)
                 slots.append(s)
         except Exception:
             for h in held:
-                self.bank.release(h)
+                bank.release(h)
             raise
         hm = self.host
         for layer, idx in per_layer.items():
@@ -564,6 +662,27 @@ class ActivationTables:
             self._mark(self._capture_dirty, c)
         self._rows[row] = _RowRecord(tuple(per_layer), None if g is None else g.layer, held,
                                      tuple(sorted(set(capture_layers))))
+
+    def _pinned_row(self, fld: str, name: str, content_hash: str, layer: int) -> np.ndarray | None:
+        """The ``[H]`` row an op at ``layer`` uses of ``name``'s pinned version: None when the name still holds that
+        version (acquire it as usual), else the version's row (for a private slot).
+
+        Raises:
+            RequestArgError: the version is no longer kept (re-registered or deleted long ago, under heavy churn).
+        """
+        info = self.bank.lookup(name)
+        if info is not None and info.content_hash == content_hash:
+            return None
+        rows = self.bank.version_rows(content_hash)
+        if rows is None:
+            raise RequestArgError(
+                f"{fld}: vector {name!r} was re-registered or deleted after this request was admitted, and the "
+                "version it was admitted with is no longer kept; send the request again")
+        if rows.shape[0] == 1:
+            return rows[0]
+        if not 0 <= layer < rows.shape[0]:
+            raise RequestArgError(f"{fld}: layer {layer} out of range for per-layer vector {name!r}")
+        return rows[layer]
 
     def remove_request(self, row: int) -> None:
         """Clear row ``row`` (staged) and release its vectors. Idempotent."""

@@ -30,7 +30,7 @@ from value_steer.core.config import RequestSteer, SteerConfig, parse_request_arg
 from value_steer.core.logit_steer import load_logit_steer
 from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF
 from value_steer.core.row_table import RowTable
-from value_steer.core.steering_spec import RequestArgError, fingerprint
+from value_steer.core.steering_spec import RequestArgError, VectorRef, fingerprint, inline_norm
 from value_steer.runtime.activation import ActivationTables, VectorBank
 from value_steer.runtime.logit_steer import LogitSteerTables
 from value_steer.runtime.staging import HostDeviceBuffer
@@ -117,10 +117,15 @@ class SteeringState:
         self.slot_act_row = np.zeros(slots, dtype=np.int32)
         self._free_act_rows = list(range(max_num_seqs, 0, -1))
         self.num_layers = num_layers
+        # [num_layers] typical residual-stream norm per decoder layer, measured by the adapter at start-up (None:
+        # not measured; the steering.max_relative_dose check then waits for it).
+        self.residual_norms: tuple[float, ...] | None = None
         if config.steering is not None:
             if num_layers is None or max_tokens is None:
                 raise ValueError("activation steering needs the model's num_layers and the forward's max_tokens")
-            bank = VectorBank(config.steering.max_vectors, hidden_size, num_layers, self.device)
+            # Each request row owns a private slot per vector its spec may use (ops and the gate probe).
+            bank = VectorBank(config.steering.max_vectors, hidden_size, num_layers, self.device,
+                              private_rows=num_rows, private_per_row=config.steering.max_ops_per_request + 1)
             if config.steering.vectors is not None:
                 loaded = bank.load_dir(config.steering.vectors)
                 logger.info("value_steer: loaded %d steering vector(s) from %s: %s", len(loaded),
@@ -147,37 +152,44 @@ class SteeringState:
     # ---- request lifecycle -------------------------------------------------------------------------
     def add_request(self, req_id: str, extra_args: dict[str, Any] | None, eos_token_id: int | None,
                     ignore_eos: bool, min_tokens: int = 0, wants_logprobs: bool = False,
-                    expected_fingerprint: str | None = None) -> RequestState:
+                    expected_fingerprint: str | None = None, pins: dict[str, str] | None = None) -> RequestState:
         """Register a request seen for the first time (idempotent). Raises ``RequestArgError`` on bad args.
 
         ``expected_fingerprint``: the steering fingerprint the frontend salted the prefix cache with; when
-        given, the spec's fingerprint over this bank's vectors must equal it (a vector re-registered between
-        admission and scheduling would otherwise run under another vector's cache salt).
+        given, the spec's fingerprint must equal it. ``pins``: ``{name: content hash}`` the frontend admitted the
+        spec's names with: the request runs with those versions (a name re-registered or deleted between admission
+        and scheduling does not change what it runs with, nor its cache salt).
         """
         state = self.requests.get(req_id)
         if state is not None:
             return state
         act = self.activation
+        pinned = pins if isinstance(pins, dict) else {}
+        resolve = None
+        if act is not None:
+            bank = act.bank
+            resolve = lambda name: name in pinned or bank.resolve(name)
         steer = parse_request_args(extra_args, self.config, self.default_threshold, hidden_size=self.hidden_size,
-                                   num_layers=self.num_layers,
-                                   resolve=act.bank.resolve if act is not None else None)
+                                   num_layers=self.num_layers, resolve=resolve,
+                                   residual_norms=self.residual_norms, vector_norm=self._vector_norm(pinned))
         act_row = 0
         if steer.steering is not None or steer.capture_layers:
             # parse_request_args refuses both without a steering section.
             assert act is not None
             if steer.steering is not None and expected_fingerprint is not None:
                 try:
-                    got = fingerprint(steer.steering, act.bank.vector_hash)
+                    got = fingerprint(steer.steering, lambda ref: pinned[ref] if isinstance(ref, str) and ref in pinned
+                                      else act.bank.vector_hash(ref))
                 except ValueError as exc:
                     raise RequestArgError(f"steering: {exc}") from None
                 if got != expected_fingerprint:
-                    raise RequestArgError("steering: a named vector changed between admission and scheduling (its "
-                                          "prefix-cache salt no longer matches); send the request again")
+                    raise RequestArgError("steering: the spec's fingerprint does not match the vectors it was admitted "
+                                          "with (its prefix-cache salt); send the request again")
             if not self._free_act_rows:
                 raise RuntimeError("value_steer: activation row table exhausted (more live requests than max_num_seqs)")
             act_row = self._free_act_rows.pop()
             try:
-                act.add_request(act_row, steer.steering, steer.capture_layers)
+                act.add_request(act_row, steer.steering, steer.capture_layers, pins=pinned)
             except BaseException:
                 self._free_act_rows.append(act_row)
                 raise
@@ -208,6 +220,28 @@ class SteeringState:
                              logit_row)
         self.requests[req_id] = state
         return state
+
+    def _vector_norm(self, pins: dict[str, str]) -> Callable[[VectorRef, int], float | None]:
+        """``vector_norm(ref, layer)`` for the dose check: an inline vector's norm, or the row norm of the version a
+        name was admitted with (``pins``) or holds now."""
+        bank = self.activation.bank if self.activation is not None else None
+
+        def norm(ref: VectorRef, layer: int) -> float | None:
+            if not isinstance(ref, str):
+                return inline_norm(ref)
+            if bank is None:
+                return None
+            info = bank.lookup(ref)
+            rows = None
+            if ref in pins and (info is None or info.content_hash != pins[ref]):
+                rows = bank.version_rows(pins[ref])
+            if rows is not None:
+                return float(np.linalg.norm(rows[layer if rows.shape[0] > 1 else 0].astype(np.float64)))
+            if info is None:
+                return None
+            return info.norms[layer] if info.per_layer else info.norms[0]
+
+        return norm
 
     def add_refused(self, req_id: str, error: str) -> None:
         """Register a request whose steering arguments were refused: never scored (the adapter ends it at
@@ -260,20 +294,38 @@ class SteeringState:
             info = replace(info, logit_counts=self.logit.live_stats(state.logit_row))
         return (self.stats.table[state.row] if state.row else self.stats.empty_row, info)
 
-    def stats_for(self, req_id: str, matches: Callable[[str, str], bool] | None = None) -> dict[str, Any] | None:
+    def stats_for(self, req_id: str, matches: Callable[[str, str], Any] | None = None) -> dict[str, Any] | None:
         """Stats of a live or recently finished request (reads the device; for the stats route only).
 
-        ``matches(internal_id, req_id)`` lets the adapter match its engine's internal ids to a client id.
+        ``matches(internal_id, req_id)`` lets the adapter match its engine's internal ids to a client id: None when
+        they do not match, else a sort key (the order of the response's choices). When several requests match (a
+        response with several choices), the first one's stats are returned with ``choices``: every match's
+        ``{"request_id", "stats"}`` in that order.
         """
         with self._lock:
             found = self.finished.get(req_id)
             if found is None and req_id in self.requests:
                 found = self._live_stats(self.requests[req_id])
-            if found is None and matches is not None:
-                found = next((v for k, v in self.finished.items() if matches(k, req_id)), None)
-                if found is None:
-                    found = next((self._live_stats(s) for k, s in self.requests.items() if matches(k, req_id)), None)
-        return None if found is None else DeviceStats.read(*found)
+            if found is not None:
+                return DeviceStats.read(*found)
+            if matches is None:
+                return None
+            hits = []
+            for k, v in self.finished.items():
+                key = matches(k, req_id)
+                if key is not None:
+                    hits.append((key, k, v))
+            for k, s in self.requests.items():
+                key = matches(k, req_id)
+                if key is not None:
+                    hits.append((key, k, self._live_stats(s)))
+        if not hits:
+            return None
+        hits.sort(key=lambda h: (h[0], h[1]))
+        first = DeviceStats.read(*hits[0][2])
+        if len(hits) > 1:
+            first["choices"] = [{"request_id": k, "stats": DeviceStats.read(*v)} for _, k, v in hits]
+        return first
 
     def counters_dict(self) -> dict[str, Any]:
         """Process-wide counters (reads the device totals; for the stats route and /metrics)."""

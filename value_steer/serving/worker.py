@@ -19,7 +19,7 @@ import torch
 from value_steer.core.config import SteerConfig, parse_additional_config
 from value_steer.core.modes import MODE_OFF
 from value_steer.patches import get_adapter
-from value_steer.runtime.activation import BankFullError, VectorBankError
+from value_steer.runtime.activation import BankFullError, ReadOnlyVectorError, VectorBankError
 from value_steer.runtime.capture import CaptureWriter
 from value_steer.runtime.state import SteeringState
 
@@ -88,9 +88,10 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             action: ``"list"``, ``"register"`` (``name``, ``data``: ``[H]`` or ``[num_layers][H]`` floats),
                 ``"delete"`` (``name``) or ``"hashes"`` (name -> content hash, for the frontend's cache salts).
         Returns:
-            The answer, or ``{"error": message, "status": 400 | 404 | 409}`` (unknown name on delete: 404; bank
-            full: 409; bad input or no ``steering`` section: 400). A delete while running requests use the vector
-            succeeds: they keep it, and its slot is freed when they finish.
+            The answer, or ``{"error": message, "status": 400 | 403 | 404 | 409}`` (unknown name on delete:
+            404; bank full: 409; a preloaded (read-only) name: 403; bad input or no ``steering`` section: 400).
+            A delete while running requests use the vector succeeds: they keep it, and its slot is freed when they
+            finish.
         """
         state: SteeringState = self.model_runner._vs_state
         act = state.activation
@@ -101,8 +102,12 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             if action == "list":
                 return {"vectors": bank.list(), "usage": bank.usage()}
             if action == "hashes":
-                return {"hashes": {v["name"]: v["hash"] for v in bank.list()}, "hidden_size": bank.hidden_size,
-                        "num_layers": bank.num_layers}
+                listed = bank.list()
+                norms = state.residual_norms
+                return {"hashes": {v["name"]: v["hash"] for v in listed},
+                        "norms": {v["name"]: v["norms"] for v in listed}, "hidden_size": bank.hidden_size,
+                        "num_layers": bank.num_layers,
+                        "residual_norms": None if norms is None else list(norms)}
             if action == "register":
                 info = bank.register(name, data)  # type: ignore[arg-type]
                 entry = next(v for v in bank.list() if v["name"] == info.name)
@@ -117,6 +122,8 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
                 return {"deleted": name, "held_by_running_requests": held}
         except BankFullError as exc:
             return {"error": str(exc), "status": 409}
+        except ReadOnlyVectorError as exc:
+            return {"error": str(exc), "status": 403}
         except VectorBankError as exc:
             return {"error": str(exc), "status": 400}
         return {"error": f"action must be one of 'list', 'register', 'delete', 'hashes', got {action!r}",
