@@ -316,6 +316,8 @@ class Soak:
             else:
                 status, parsed, text = await self.call("POST", path, body, raw=raw)
                 res = await self.classify(kind, status, parsed, text)
+                if res.outcome == "failure" and kind not in BAD_KINDS:
+                    res.reason += f" [{path}, seed {(body or {}).get('seed')}]"
         except asyncio.CancelledError:
             res = Result(kind, "cancelled", "still running at the deadline")
         except asyncio.TimeoutError:
@@ -366,8 +368,12 @@ class Soak:
             stats = await self.request_stats(parsed.get("id"))
             if stats.get("forced_eos") and not stats.get("error"):
                 return Result(kind, "ok", "abstained", status, tokens)
-            detail = f"error={stats.get('error')!r}" if stats.get("error") else f"stats={_short(json.dumps(stats))}"
-            return Result(kind, "failure", f"empty 200 (finish_reason {finish!r}, {detail})", status, tokens)
+            if self.args.allow_natural_eos and stats and stats.get("error") is None:
+                return Result(kind, "ok", "natural EOS", status, tokens)
+            detail = ", ".join(f"{k}={stats.get(k)!r}" for k in ("mode", "error", "forced_eos", "num_scored",
+                                                                   "num_interventions")) if stats else "no stats"
+            return Result(kind, "failure", f"empty 200 (finish_reason {finish!r}, {tokens} tokens; {detail})",
+                          status, tokens)
         if kind in DRIFT_KINDS and out != self.solo.get(kind):
             return Result(kind, "drift", f"solo {self.solo.get(kind)!r} vs {out!r}", status, tokens)
         return Result(kind, "ok", status=status, tokens=tokens)
@@ -542,8 +548,11 @@ def summarize(s: Soak, wall: float, cut: bool, rss: tuple[float, float], pids: l
     by_kind: dict[str, Counter] = defaultdict(Counter)
     failures: dict[tuple[str, str], list[str]] = defaultdict(list)
     tokens = 0
+    ok_notes: Counter = Counter()
     for r in s.results:
         by_kind[r.kind][r.outcome] += 1
+        if r.outcome == "ok" and r.reason:
+            ok_notes[f"{r.kind}: {r.reason}"] += 1
         tokens += r.tokens
         if r.outcome in ("failure", "drift"):
             # Group by kind and the reason's first words (its status and kind of trouble).
@@ -563,7 +572,7 @@ def summarize(s: Soak, wall: float, cut: bool, rss: tuple[float, float], pids: l
         "failures": n_fail, "drift": n_drift, "drift_requests": n_drift_req,
         "failure_groups": {f"{k} | {why}": {"count": len(v), "examples": v[:5]} for (k, why), v in failures.items()},
         "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
-        "health": {str(k): v for k, v in s.health.items()}, "churn": dict(s.churn),
+        "ok_notes": dict(ok_notes), "health": {str(k): v for k, v in s.health.items()}, "churn": dict(s.churn),
         "solo": s.solo, "rss_mib_before": round(rss[0], 1), "rss_mib_after": round(rss[1], 1), "rss_pids": pids,
         "pass": n_fail == 0 and n_drift == 0,
     }
@@ -582,6 +591,8 @@ def print_summary(sm: dict) -> None:
     print(f"\n{'kind':<16}" + "".join(f"{o:>14}" for o in OUTCOMES))
     for kind, c in sm["by_kind"].items():
         print(f"{kind:<16}" + "".join(f"{c.get(o, 0):>14}" for o in OUTCOMES))
+    if sm["ok_notes"]:
+        print(f"ok with a note: {sm['ok_notes']}")
     print(f"\nhealth polls: {sm['health']}; registry churn: {sm['churn'] or 'off'}")
     print(f"drift: {sm['drift']} of {sm['drift_requests']} greedy repeats differed from their solo text")
     print(f"tokens: {sm['completion_tokens']} completion tokens in {sm['wall_s']:.1f} s = "
@@ -592,7 +603,7 @@ def print_summary(sm: dict) -> None:
           f"{', '.join(map(str, pids[:12]))}{' ...' if len(pids) > 12 else ''})")
     if sm["failure_groups"]:
         print("\nfailures:")
-        for key, g in sm["failure_groups"].items():
+        for key, g in sorted(sm["failure_groups"].items()):
             print(f"  {key}: {g['count']}")
             for ex in g["examples"]:
                 print(f"    - {ex}")
@@ -620,6 +631,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="stop issuing requests after this long")
     ap.add_argument("--request-timeout-s", type=float, default=300.0)
     ap.add_argument("--health-every-s", type=float, default=3.0)
+    ap.add_argument("--allow-natural-eos", action="store_true",
+                    help="count an empty 200 whose stats show no error (the model sampled EOS first) as ok")
     ap.add_argument("--inline-pool", type=int, default=8,
                     help="distinct inline vectors the load draws from (each running one holds a bank slot)")
     args = ap.parse_args(argv)

@@ -24,7 +24,7 @@ Model Runner V2 (``vllm/v1/worker/gpu/model_runner.py``) is deselected at start-
 
 from __future__ import annotations
 
-from value_steer.patches.vllm_0_32.activation import max_forward_tokens, num_decoder_layers
+from value_steer.patches.vllm_0_32.activation import max_forward_tokens, measure_residual_norms, num_decoder_layers
 from value_steer.patches.vllm_0_32.api import CONFIG_ENV, RequestArgsValidator, publish_config
 from value_steer.patches.vllm_0_32.contract import CONTRACT, SUPPORTED_RUNNERS, VLLM_VERSIONS, check_contract
 from value_steer.patches.vllm_0_32.runner import client_request_id, request_id_matches
@@ -64,6 +64,7 @@ __all__ = [
     "kv_budget_for_scheduler",
     "max_forward_tokens",
     "max_num_seqs",
+    "measure_residual_norms",
     "model_hidden_size",
     "model_vocab_size",
     "num_decoder_layers",

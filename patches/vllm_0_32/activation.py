@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from value_steer.kernels import capture_stream, steer_activations, steer_gate
@@ -107,3 +108,56 @@ def num_decoder_layers(vllm_config: Any) -> int:
 def max_forward_tokens(runner: Any) -> int:
     """Tokens one forward of the runner may carry (VFD's runner config includes the candidates' rows)."""
     return int(runner.max_num_tokens)
+
+
+def measure_residual_norms(runner: Any, num_tokens: int = 128, seed: int = 0) -> tuple[float, ...]:
+    """Each decoder layer's typical residual-stream norm: the median over tokens of ``|hidden + residual|`` (the
+    stream the steering ops edit) in one eager prefill of ``num_tokens`` seeded random token ids, the first token
+    left out (its attention-sink norms are atypical). The reference of ``steering.max_relative_dose``.
+
+    Runs after vLLM's warm-up (the KV cache exists, graphs are compiled or captured): one request through vLLM's own
+    ``_dummy_run`` with attention metadata, the compiled model bypassed (``do_not_compile``), forward hooks on the
+    wrapped layers only for this call. Returns ``[num_layers]`` floats.
+    """
+    model = runner.get_model()
+    layers = [m for m in model.modules() if isinstance(m, SteeredDecoderLayer)]
+    if not layers:
+        raise RuntimeError("value_steer: measure_residual_norms needs the wrapped decoder layers")
+    n = max(2, min(num_tokens, int(runner.max_num_tokens), int(runner.model_config.max_model_len)))
+    norms: dict[int, float] = {}
+
+    def hook(module: SteeredDecoderLayer, _args: Any, out: Any) -> None:
+        hidden = out[0] if isinstance(out, tuple) else out
+        resid = out[1] if isinstance(out, tuple) and len(out) > 1 and out[1] is not None else None
+        stream = (hidden.float() + resid.float()) if resid is not None else hidden.float()
+        stream = stream.reshape(-1, stream.shape[-1])[1:n]
+        norms[module.index] = float(stream.norm(dim=-1).median())
+
+    compiled = [m for m in model.modules() if hasattr(m, "do_not_compile")]
+    saved = [m.do_not_compile for m in compiled]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    sched = runner.scheduler_config
+    max_seqs = sched.max_num_seqs
+    gen = torch.Generator().manual_seed(seed)
+    vocab = int(runner.model_config.get_vocab_size())
+    ids = torch.randint(min(100, vocab - 1), vocab, (n,), generator=gen, dtype=torch.int32)
+    try:
+        for m in compiled:
+            m.do_not_compile = True
+        sched.max_num_seqs = 1  # _dummy_run splits its tokens over max_num_seqs requests: one prefill of n
+        runner.input_ids.gpu[:n].copy_(ids.to(runner.input_ids.gpu.device))
+        runner.positions[:n].copy_(torch.arange(n, device=runner.positions.device))
+        with torch.inference_mode():
+            runner._dummy_run(n, force_attention=True)
+    finally:
+        sched.max_num_seqs = max_seqs
+        for m, v in zip(compiled, saved):
+            m.do_not_compile = v
+        for h in handles:
+            h.remove()
+        runner.input_ids.gpu[:n].zero_()
+        runner.positions[:n].zero_()
+    missing = [i for i in range(len(layers)) if i not in norms]
+    if missing:
+        raise RuntimeError(f"value_steer: no residual norm measured at layers {missing}")
+    return tuple(norms[i] for i in range(len(layers)))

@@ -82,6 +82,8 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     (_CPU_RUNNER, "CPUModelRunner.load_model", ("self",)),
     (_RUNNER, "GPUModelRunner.get_model", ("self",)),
     (_CPU_RUNNER, "CPUModelRunner.get_model", ("self",)),
+    # The start-up residual-norm measurement (activation.measure_residual_norms): one eager dummy prefill.
+    (_RUNNER, "GPUModelRunner._dummy_run", ("self", "num_tokens", "cudagraph_runtime_mode", "force_attention")),
     # ---- runner state the mixins read or write -----------------------------------------------------------
     (_RUNNER, "GPUModelRunner", ("device", "vllm_config", "requests", "input_batch", "sampler", "model",
                                  "kv_caches", "kv_cache_config", "attn_groups", "execute_model_state",

@@ -36,7 +36,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
 from typing import Any
+
+from vllm.exceptions import GracefulHTTPError
 
 from value_steer.core.config import STEERING_KEY, RequestArgError, parse_request_args
 from value_steer.core.steering_spec import InlineVector, SteeringSpec, VectorRef, fingerprint, inline_norm
@@ -406,6 +409,39 @@ def _observe_rpc(method: Any, args: tuple, kwargs: Mapping[str, Any] | None, res
 # ---- installation ---------------------------------------------------------------------------------------------
 
 
+class SteeringRefusedError(GracefulHTTPError):
+    """A request the worker refused (a check only it could make): the client gets an HTTP 409 with the reason
+    (for a streamed response, an error event), never an empty 200."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, HTTPStatus.CONFLICT)
+
+
+def _maybe_refused(out: Any) -> bool:
+    # A refused request ends at its first step on its end token: one token at most, finish reason "stop".
+    return bool(out.outputs) and all(len(c.token_ids) <= 1 and c.finish_reason == "stop" for c in out.outputs)
+
+
+async def _raise_if_refused(engine: Any, request_id: str) -> None:
+    """Ask the worker whether ``request_id`` (or one of its choices) was refused; raise its reason if so."""
+    try:
+        results = await engine.collective_rpc("value_steer_stats", timeout=10.0, args=(request_id,))
+    except Exception:  # the answer stands; the stats route still has the reason
+        logger.warning("value_steer: could not ask the worker about request %s", request_id, exc_info=True)
+        return
+    answer = first_answer(results)
+    stats = answer.get("stats") if isinstance(answer, dict) else None
+    if not isinstance(stats, dict):
+        return
+    for s in [stats, *(c.get("stats") or {} for c in stats.get("choices", ()))]:
+        if s.get("error"):
+            raise SteeringRefusedError(str(s["error"]))
+
+
+def _steers_engine(engine: Any) -> bool:
+    return any(is_request_validator(p) for p in (engine.vllm_config.model_config.logits_processors or ()))
+
+
 def _steers(processor: Any) -> bool:
     # Only engines that run value_steer's worker (the start-up hook gave them the request validator):
     # another engine in the process may use "steering" in its extra_args for something else.
@@ -443,6 +479,35 @@ def install_frontend_hooks() -> None:
 
         process_inputs._value_steer_salt = True  # type: ignore[attr-defined]
         InputProcessor.process_inputs = process_inputs  # type: ignore[method-assign]
+
+    engine_init = LLMEngine.__init__
+    if not getattr(engine_init, "_value_steer_facts", False):
+
+        @functools.wraps(engine_init)
+        def init(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+            engine_init(self, vllm_config, *args, **kwargs)
+            cfg = _api_config()
+            if cfg is not None and cfg.steering is not None and any(
+                    is_request_validator(p) for p in (vllm_config.model_config.logits_processors or ())):
+                # Offline engines have no body middleware: learn the names and the residual norms now, so the
+                # validator checks doses at admission (the collective_rpc hook below records the answer).
+                self.collective_rpc(VECTORS_RPC, args=("hashes",))
+
+        init._value_steer_facts = True  # type: ignore[attr-defined]
+        LLMEngine.__init__ = init  # type: ignore[method-assign]
+
+    generate = AsyncLLM.generate
+    if not getattr(generate, "_value_steer_refusals", False):
+
+        @functools.wraps(generate)
+        async def generate_checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+            async for out in generate(self, *args, **kwargs):
+                if out.finished and _steers_engine(self) and _maybe_refused(out):
+                    await _raise_if_refused(self, out.request_id)
+                yield out
+
+        generate_checked._value_steer_refusals = True  # type: ignore[attr-defined]
+        AsyncLLM.generate = generate_checked  # type: ignore[method-assign]
 
     sync_rpc = LLMEngine.collective_rpc
     if not getattr(sync_rpc, "_value_steer_names", False):

@@ -235,9 +235,9 @@ def prepare_body(body: bytes) -> tuple[dict[str, Any] | None, bool, Any]:
     xargs = data.get("vllm_xargs")
     ours = [k for k in ALL_REQUEST_KEYS if isinstance(xargs, dict) and k in xargs]
     if ours and data.get("use_beam_search"):
-        raise SteeringBodyError(f"use_beam_search: beam search does not carry vllm_xargs, so vllm_xargs.{ours[0]} "
-                                "would be ignored (the steering spec too); steer without beam search",
-                                "use_beam_search")
+        what = "the steering spec" if STEERING_KEY in ours else f"vllm_xargs.{ours[0]}"
+        raise SteeringBodyError(f"use_beam_search: beam search does not carry vllm_xargs, so {what} would be ignored "
+                                "and the request served unsteered; steer without beam search", "use_beam_search")
     spec = xargs.get(STEERING_KEY) if isinstance(xargs, dict) else None
     if isinstance(spec, dict):
         xargs[STEERING_KEY] = json.dumps(spec, separators=(",", ":"))
@@ -398,6 +398,7 @@ class SteeringBodyMiddleware:
         self.app = app
         self._refresh_lock = asyncio.Lock()
         self._last_refresh = -math.inf
+        self._asked_norms = False  # the worker answered once: its residual norms are what it has
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Any) -> None:
         path = _route_path(scope)
@@ -448,13 +449,17 @@ class SteeringBodyMiddleware:
         layers' residual norms (the dose check's reference) were not seen yet. At most once per
         :data:`MIN_REFRESH_S`; a failure leaves the validator to answer."""
         mirror = vector_names()
-        if (not names or mirror.known(names)) and residual_norms() is not None:
+
+        def satisfied() -> bool:
+            return (not names or mirror.known(names)) and (residual_norms() is not None or self._asked_norms)
+
+        if satisfied():
             return
         client = getattr(getattr(scope.get("app"), "state", None), "engine_client", None)
         if client is None:
             return
         async with self._refresh_lock:  # concurrent misses wait for one refresh, then look again
-            if (not names or mirror.known(names)) and residual_norms() is not None:
+            if satisfied():
                 return
             if time.monotonic() - self._last_refresh < MIN_REFRESH_S:
                 return
@@ -464,6 +469,7 @@ class SteeringBodyMiddleware:
             except Exception:
                 logger.warning("value_steer: refreshing vector names from the worker failed", exc_info=True)
                 return
+            self._asked_norms = True
             observe_vectors_answer("hashes", None, first_answer(results))
 
 

@@ -111,7 +111,9 @@ def test_fingerprint_matches_the_worker_bank(steering_server, vector_dir):
     bank = _worker_bank(vector_dir)
     spec = parse_steering_spec(SPEC, hidden_size=H, num_layers=L, max_ops=4, max_inline_floats=4 * H)
     assert spec_fingerprint(spec, steering_server) == fingerprint(spec, bank.vector_hash)
-    # A name re-registered with new data is a new vector: a new fingerprint.
+    # A name re-registered with new data is a new vector: a new fingerprint. (Preloaded names are read-only, so
+    # the worker's "calm" here is one registered over the registry: the same data, then new data.)
+    bank._readonly.discard("calm")
     steering_server.update("calm", bank.register("calm", _vec(5)).content_hash)
     assert spec_fingerprint(spec, steering_server) == fingerprint(spec, bank.vector_hash)
     assert spec_fingerprint(spec, steering_server) != fingerprint(spec, _worker_bank(vector_dir).vector_hash)

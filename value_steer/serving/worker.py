@@ -72,6 +72,17 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
     def determine_available_memory(self) -> int:
         return _adapter.kv_budget_for_scheduler(self, super().determine_available_memory())
 
+    def compile_or_warm_up_model(self) -> Any:
+        out = super().compile_or_warm_up_model()
+        state: SteeringState = self.model_runner._vs_state
+        steering = self.value_steer_config.steering
+        if state.activation is not None and steering is not None and steering.max_relative_dose is not None:
+            # After warm-up: the KV cache exists, and the measurement's eager forward leaves compiled graphs alone.
+            state.residual_norms = _adapter.measure_residual_norms(self.model_runner)
+            logger.info("value_steer: typical residual norm per layer (steering.max_relative_dose = %g of it): %s",
+                        steering.max_relative_dose, ", ".join(f"{x:.3g}" for x in state.residual_norms))
+        return out
+
     # ---- RPC surface (collective_rpc from the API process / offline LLM) ------------------------------
     def value_steer_stats(self, request_id: str | None = None) -> dict[str, Any]:
         """Per-request stats (``request_id``) or the process-wide counters."""
