@@ -89,7 +89,7 @@ class Soak:
     hidden_size: int = 576
     num_layers: int = 30
     dims_source: str = "defaults"
-    named: list[tuple[str, list[int]]] = field(default_factory=list)  # (name, shape)
+    named: list[tuple[str, list[float]]] = field(default_factory=list)  # (name, norm per layer)
     drift_vector: list[float] = field(default_factory=list)
     static_registered: bool = False
     skipped: dict[str, str] = field(default_factory=dict)  # kind -> why
@@ -145,8 +145,10 @@ class Soak:
         self.hidden_size, self.num_layers, self.dims_source = dims
         for v in body.get("vectors") or []:
             shape = [int(x) for x in v.get("shape") or []]
+            norms = [float(x) for x in v.get("norms") or []]
             if shape and shape[-1] == self.hidden_size and (len(shape) == 1 or shape[0] == self.num_layers):
-                self.named.append((str(v["name"]), shape))
+                norms = norms if len(norms) == (1 if len(shape) == 1 else self.num_layers) else [1.0]
+                self.named.append((str(v["name"]), norms))
         self.named = [(n, s) for n, s in self.named if n not in (CHURN_NAME, STATIC_NAME)]
         # The registry: one vector of our own when none is preloaded, and the churn probe.
         probe = {"name": CHURN_NAME, "data": self.vector(random.Random(0))}
@@ -164,7 +166,7 @@ class Soak:
                 s2, _, t2 = await self.call("POST", VECTORS, {"name": STATIC_NAME, "data": data}, admin=True,
                                             timeout=30)
                 if s2 == 200:
-                    self.named.append((STATIC_NAME, [self.hidden_size]))
+                    self.named.append((STATIC_NAME, [1.0]))
                     self.static_registered = True
                 else:
                     self.skipped["act_named"] = f"registering {STATIC_NAME} answered {s2}: {_short(t2)}"
@@ -284,7 +286,11 @@ class Soak:
             op = {"layer": p["layer"], "op": "add", "vector": p["vector"], "scale": p["scale"]}
             return path, make(p["prompt"], mt, **sample, steering={"ops": [op]}), None
         if kind == "act_named":
-            op = {"layer": p["layer"], "op": "add", "vector": p["named"][0], "scale": p["scale"]}
+            # The scale divided by the vector's norm at the layer: the same edit size as the unit inline
+            # vectors (a preloaded vector may be long enough to pass steering.max_relative_dose otherwise).
+            name, norms = p["named"]
+            norm = norms[p["layer"]] if len(norms) > 1 else norms[0]
+            op = {"layer": p["layer"], "op": "add", "vector": name, "scale": round(p["scale"] / (norm or 1.0), 6)}
             return path, make(p["prompt"], mt, **sample, steering={"ops": [op]}), None
         if kind == "churn_named":
             op = {"layer": p["layer"], "op": "add", "vector": CHURN_NAME, "scale": p["scale"]}

@@ -12,10 +12,13 @@ from value_steer.offline.compat import write_constant_head
 
 TINY_HIDDEN = 64
 
-__all__ = ["BOOST_TOKEN", "TINY_HIDDEN", "TINY_VOCAB", "make_llm", "wait_healthy", "write_constant_head",
+__all__ = ["BOOST_TOKEN", "TINY_DOSE", "TINY_HIDDEN", "TINY_VOCAB", "make_llm", "wait_healthy", "write_constant_head",
            "write_planted_generator", "write_random_head"]
 
 TINY_VOCAB = 512
+# steering.max_relative_dose for the tiny random model's engines: its residual stream is tiny (norm ~0.16 per token),
+# so the doses these tests use to make a visible change (|scale * v| ~ 300) are ~2000x it; real models' are not.
+TINY_DOSE = None
 # The token the planted logit generator boosts (not a special token: ids 0-3 are pad, bos, eos, unk).
 BOOST_TOKEN = 300
 

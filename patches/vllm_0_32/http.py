@@ -269,8 +269,8 @@ def spec_vector_names(spec: Any) -> set[str]:
     """The vector names a raw (unvalidated) spec uses: ops' ``vector`` and the gate's ``probe`` strings."""
     if isinstance(spec, str):
         try:
-            spec = json.loads(spec)
-        except ValueError:
+            spec = loads_bounded(spec, STEERING_KEY)
+        except RequestArgError:  # the validator names the problem
             return set()
     if not isinstance(spec, dict):
         return set()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY_HIDDEN, make_llm
+from tests.helpers import TINY_DOSE, TINY_HIDDEN, make_llm
 from value_steer.core.activation import ablate as ablate_reference
 from value_steer.core.activation import projection_cap as cap_reference
 from value_steer.core.steering_spec import Steering, ablate, add, cap, gate
@@ -40,7 +40,7 @@ def capture_dir(tmp_path_factory):
 @pytest.fixture(scope="module", params=["eager", "compiled"])
 def llm(request, tiny_model_dir, capture_dir):
     mode = request.param
-    engine = make_llm(tiny_model_dir, {"steering": {"max_vectors": 16},
+    engine = make_llm(tiny_model_dir, {"steering": {"max_vectors": 16, "max_relative_dose": TINY_DOSE},
                                        "capture": {"dir": str(capture_dir / mode)}},
                       enforce_eager=mode == "eager", enable_prefix_caching=True, disable_log_stats=False,
                       block_size=32, max_num_batched_tokens=64)  # long prompts prefill in chunks

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import TINY_HIDDEN, make_llm, write_random_head
+from tests.helpers import TINY_DOSE, TINY_HIDDEN, make_llm, write_random_head
 from value_steer.core.steering_spec import Steering, add
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -37,7 +37,8 @@ def _run(model_dir, head, schedule):
     os.environ["VALUE_STEER_DEBUG"] = "1"
     try:
         llm = make_llm(model_dir, {"vfd": {"value_head_path": head, "num_candidates": K, "threshold": 0.5,
-                                           "schedule": schedule}, "steering": {}}, block_size=32)
+                                           "schedule": schedule},
+                                   "steering": {"max_relative_dose": TINY_DOSE}}, block_size=32)
     finally:
         os.environ.pop("VALUE_STEER_DEBUG", None)
     # A mixed batch: unsteered, a decode-only add, an add at every token at the other layer (a candidate forward

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import TINY_HIDDEN
+from tests.helpers import TINY_DOSE, TINY_HIDDEN
 from tests.serving.test_serve import _start, _stop
 from value_steer.core.steering_spec import Steering, add
 
@@ -31,7 +31,8 @@ def _vec(seed: int, scale: float = 1.0) -> list[float]:
 def server(tiny_model_dir, tmp_path_factory):
     vectors = tmp_path_factory.mktemp("vectors")
     save_file({"v": torch.tensor(_vec(1, 3.0))}, str(vectors / "calm.safetensors"))
-    proc, url = _start(tiny_model_dir, {"steering": {"vectors": str(vectors), "max_vectors": MAX_VECTORS}},
+    proc, url = _start(tiny_model_dir, {"steering": {"vectors": str(vectors), "max_vectors": MAX_VECTORS,
+                                                     "max_relative_dose": TINY_DOSE}},
                        tmp_path_factory, "--no-enforce-eager")
     yield url
     _stop(proc)
