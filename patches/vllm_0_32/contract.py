@@ -88,7 +88,8 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     (_RUNNER, "GPUModelRunner", ("device", "vllm_config", "requests", "input_batch", "sampler", "model",
                                  "kv_caches", "kv_cache_config", "attn_groups", "execute_model_state",
                                  "uses_mrope", "enable_prompt_embeds", "input_ids", "positions", "seq_lens",
-                                 "query_start_loc", "optimistic_seq_lens_cpu", "discard_request_mask")),
+                                 "query_start_loc", "optimistic_seq_lens_cpu", "discard_request_mask",
+                                 "scheduler_config", "model_config", "max_num_tokens")),
     (_RUNNER, "ExecuteModelState", ("sample_hidden_states", "hidden_states", "logits")),
     ("vllm.v1.worker.gpu_input_batch", "InputBatch.__init__", ("self",)),
     ("vllm.v1.worker.gpu_input_batch", "InputBatch", ("req_ids", "num_reqs", "max_num_reqs",
@@ -172,8 +173,15 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.engine.input_processor", "InputProcessor", ("vllm_config", "process_inputs_async")),
     ("vllm.v1.engine", "EngineCoreRequest", ("sampling_params", "cache_salt")),
     ("vllm.exceptions", "VLLMValidationError", ()),  # what a refused salt becomes (HTTP 400)
+    ("vllm.exceptions", "GracefulHTTPError.__init__", ("self", "message", "http_status")),  # a worker refusal: 409
     # The vector-name mirror follows value_steer_vectors answers, offline (LLM.collective_rpc) and served.
     ("vllm.v1.engine.llm_engine", "LLMEngine.collective_rpc", ("self", "method", "timeout", "args", "kwargs")),
+    # Offline engines learn the names and residual norms at init; a served refusal becomes a 409 (frontend.py).
+    ("vllm.v1.engine.llm_engine", "LLMEngine.__init__", ("self", "vllm_config")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.generate", ("self", "prompt", "sampling_params", "request_id")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM", ("vllm_config",)),
+    ("vllm.outputs", "RequestOutput", ("request_id", "outputs", "finished")),
+    ("vllm.outputs", "CompletionOutput", ("token_ids", "finish_reason")),
     ("vllm.config", "ModelConfig.get_num_layers", ("self", "parallel_config")),
     # A top-level "steering" in these routes' bodies moves into vllm_xargs (http.STEERING_ROUTES): their
     # request models ignore unknown fields and pass vllm_xargs on as SamplingParams.extra_args (the batch

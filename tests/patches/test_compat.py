@@ -242,8 +242,8 @@ def test_contract_coverage_catches_uncovered_names():
         "from vllm.v1.worker.gpu_model_runner import GPUModelRunner, NotListed\n"
         "import vllm.v1.worker.cpu_worker as cw\n"
         "class M:\n"
-        "    def _dummy_run(self, n):\n"
-        "        return super()._dummy_run(n) + cw.NoSuchThing\n"
+        "    def _dummy_sampler_run(self, n):\n"
+        "        return super()._dummy_sampler_run(n) + cw.NoSuchThing\n"
         "    def _build_attention_metadata(self, *args, **kwargs):\n"
         "        return kwargs['num_tokens'] + kwargs.get('not_a_listed_kwarg', 0)\n"
         "    def _vs_mine(self):\n"
@@ -251,7 +251,7 @@ def test_contract_coverage_catches_uncovered_names():
     )
     gaps = contract_gaps({"planted.py": planted}, CONTRACT, {"M": (GPUModelRunner,)})
     expected = ["import NotListed", "vllm.v1.worker.cpu_worker.NoSuchThing",
-                "M._dummy_run overrides", "super()._dummy_run()", "**kwargs['not_a_listed_kwarg']",
+                "M._dummy_sampler_run overrides", "super()._dummy_sampler_run()", "**kwargs['not_a_listed_kwarg']",
                 "self.lora_config", "self.cache_config"]
     for needle in expected:
         assert any(needle in g for g in gaps), (needle, gaps)
