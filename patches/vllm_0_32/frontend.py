@@ -215,11 +215,18 @@ class FrontendVectorNames:
         with self._lock:
             return self._hashes is not None and all(n in self._hashes for n in names)
 
+    def _prune_norms(self) -> None:
+        # Caller holds the lock. Norms of contents no name holds any more go (registry churn must not grow this).
+        if self._hashes is not None and len(self._norms) > 2 * len(self._hashes) + 16:
+            live = set(self._hashes.values()) | {h for h in self._pending.values() if h is not None}
+            self._norms = {h: n for h, n in self._norms.items() if h in live}
+
     def update(self, name: str, content_hash: str, norms: Iterable[float] | None = None) -> None:
         """``name`` now stands for ``content_hash`` (the worker confirmed a registration)."""
         with self._lock:
             if norms is not None:
                 self._norms[content_hash] = tuple(float(x) for x in norms)
+                self._prune_norms()
             if self._hashes is None:
                 self._pending[name] = content_hash
             else:
@@ -241,6 +248,7 @@ class FrontendVectorNames:
                     self._norms[hashes[name]] = tuple(float(x) for x in n)
             self._hashes = dict(hashes)
             self._pending.clear()
+            self._prune_norms()
             self.refreshed_at = time.monotonic()
 
     def snapshot(self) -> dict[str, str]:
