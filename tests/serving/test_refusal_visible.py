@@ -31,11 +31,9 @@ def test_a_worker_refusal_is_an_error_not_an_empty_output(tiny_model_dir):
     engine = AsyncLLM.from_engine_args(args)
 
     async def run(extra_args):
-        out = None
-        async for out in engine.generate("hello world", SamplingParams(max_tokens=4, temperature=0.0,
-                                                                        extra_args=extra_args), str(uuid.uuid4())):
-            pass
-        return out
+        outs = [o async for o in engine.generate("hello world", SamplingParams(
+            max_tokens=4, temperature=0.0, extra_args=extra_args), str(uuid.uuid4()))]
+        return outs[-1]
 
     over = {"steering": {"ops": [{"layer": 0, "op": "add", "vector": [1.0] * TINY_HIDDEN, "scale": 1e4}]}}
     within = {"steering": {"ops": [{"layer": 0, "op": "add", "vector": [1.0] * TINY_HIDDEN, "scale": 1e-3}]}}
