@@ -78,9 +78,10 @@ def remember_model(vllm_config: Any) -> None:
     (``ModelConfig.get_num_layers(parallel_config)``; pipeline parallelism is refused at start-up, so it is
     the whole model).
     """
-    global _MODEL
+    global _MODEL, _RESIDUAL_NORMS
     model_config = vllm_config.model_config
     _MODEL = (int(model_config.get_hidden_size()), int(model_config.get_num_layers(vllm_config.parallel_config)))
+    _RESIDUAL_NORMS = None  # a new engine's model: its norms come with its worker's first "hashes" answer
 
 
 def _set_model_facts(hidden_size: int, num_layers: int) -> None:
@@ -89,12 +90,12 @@ def _set_model_facts(hidden_size: int, num_layers: int) -> None:
         _MODEL = (int(hidden_size), int(num_layers))
 
 
+_RESIDUAL_NORMS: tuple[float, ...] | None = None
+
+
 def model_facts() -> tuple[int | None, int | None]:
     """``(hidden size, decoder layers)``, or ``(None, None)`` before :func:`remember_model` ran."""
     return _MODEL if _MODEL is not None else (None, None)
-
-
-_RESIDUAL_NORMS: tuple[float, ...] | None = None
 
 
 def set_residual_norms(norms: Iterable[float]) -> None:

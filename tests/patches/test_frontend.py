@@ -55,6 +55,7 @@ def steering_server(monkeypatch, vector_dir):
     monkeypatch.setenv(api.CONFIG_ENV, json.dumps({"steering": {"vectors": str(vector_dir), "max_ops_per_request": 4}}))
     monkeypatch.setattr(api, "_API_CONFIG", None)
     monkeypatch.setattr(frontend, "_MODEL", (H, L))
+    monkeypatch.setattr(frontend, "_RESIDUAL_NORMS", None)  # not learnt from an engine here
     names = FrontendVectorNames()
     monkeypatch.setattr(frontend, "_NAMES", names)
     return names
@@ -188,7 +189,8 @@ def hooked(monkeypatch, engine_config, steering_server):
     from vllm.v1.engine.llm_engine import LLMEngine
 
     for owner, attr in ((InputProcessor, "process_inputs"), (LLMEngine, "collective_rpc"),
-                        (AsyncLLM, "collective_rpc"), (api, "_STEERING_CONTEXT")):
+                        (AsyncLLM, "collective_rpc"), (LLMEngine, "__init__"), (AsyncLLM, "generate"),
+                        (api, "_STEERING_CONTEXT")):
         monkeypatch.setattr(owner, attr, getattr(owner, attr))
     frontend.install_frontend_hooks()
     frontend.install_frontend_hooks()  # idempotent

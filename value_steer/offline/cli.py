@@ -114,10 +114,23 @@ def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_capture(args: argparse.Namespace, extra: list[str]) -> int:
     from value_steer.offline.models import prepare_smollm2
     from value_steer.offline.pipeline import capture_split
+    from value_steer.offline.tasks.task_file import TaskError, load_task
 
-    model = args.model or str(prepare_smollm2())
-    capture_split(model, args.split, args.n, Path(args.out), max_tokens=args.max_tokens, seed=args.seed)
+    try:
+        task = load_task(args.task)
+        model = args.model or str(prepare_smollm2())
+        capture_split(model, args.split, args.n, Path(args.out), max_tokens=args.max_tokens, seed=args.seed,
+                      task=task)
+    except TaskError as exc:
+        print(f"value-steer capture: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.pipeline import main as pipeline_main
+
+    return pipeline_main(extra)
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -185,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "requests that ask; default on)")
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("capture", help="decode-matched capture of a prompt split, labelled by VADER")
+    p = sub.add_parser("pipeline", help="capture -> label -> train -> calibrate a value head for a task (extra args: "
+                       "value-steer pipeline --help)", add_help=False)
+    p.set_defaults(func=cmd_pipeline)
+
+    c = sub.add_parser("capture", help="decode-matched capture of a prompt split, labelled by the task's judge")
+    c.add_argument("--task", default=None, help="a task file (default: the built-in sentiment task)")
     c.add_argument("--split", choices=["train", "calibration", "test"], required=True)
     c.add_argument("--n", type=int, required=True, help="prompts (a deterministic subset of the split)")
     c.add_argument("--out", required=True, help="output directory (shards, requests.jsonl, labels.json)")
@@ -246,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
-    if extra and args.command not in ("serve", "eval", "vectors"):
+    if extra and args.command not in ("serve", "eval", "vectors", "pipeline"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args, extra) or 0)
 

