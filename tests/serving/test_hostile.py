@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from tests.helpers import TINY_HIDDEN, write_planted_generator, write_random_head
 from tests.serving.test_serve import _start, _stop
+from tests.serving.test_serve_steering import _vec
 
 requests = pytest.importorskip("requests")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -26,10 +26,6 @@ H = TINY_HIDDEN
 MAX_VECTORS = 3
 ADMIN = {"X-Steering-Admin-Key": "admin-key-for-tests"}
 BODY_LIMIT = 256 << 10
-
-
-def _vec(seed: int, scale: float = 1.0) -> list[float]:
-    return (np.random.RandomState(seed).randn(H) * scale).astype(np.float32).tolist()
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,15 @@ class UserTask:
         return sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}:{p.id}".encode()).hexdigest())[:n]
 
 
+def _only_keys(obj: Any, allowed: Sequence[str], where: str) -> None:
+    """``obj`` is a JSON object holding only ``allowed`` keys, else a TaskError naming ``where``."""
+    if not isinstance(obj, dict):
+        raise TaskError(f"{where}: must be a JSON object with keys {list(allowed)}, got {type(obj).__name__}")
+    bad = sorted(str(k) for k in obj if k not in allowed)
+    if bad:
+        raise TaskError(f"{where}: unknown key(s) {bad}; allowed: {list(allowed)}")
+
+
 def _read_prompts(path: Path, chat: bool, system: str | None,
                   labelled: bool) -> tuple[dict[str, tuple[TaskPrompt, ...]], str]:
     try:
@@ -207,11 +216,7 @@ def _read_prompts(path: Path, chat: bool, system: str | None,
             rec = json.loads(line)
         except (ValueError, RecursionError) as exc:
             raise TaskError(f"{where}: not a JSON object ({exc})") from None
-        if not isinstance(rec, dict):
-            raise TaskError(f"{where}: must be a JSON object with keys {list(LINE_KEYS)}")
-        bad = sorted(set(rec) - set(LINE_KEYS))
-        if bad:
-            raise TaskError(f"{where}: unknown key(s) {bad}; allowed: {list(LINE_KEYS)}")
+        _only_keys(rec, LINE_KEYS, where)
         text = rec.get("prompt")
         if not isinstance(text, str) or not text.strip():
             raise TaskError(f"{where}: prompt must be a non-empty string")
@@ -254,11 +259,7 @@ def load_task(path: str | Path | None) -> UserTask | BuiltinSentimentTask:
         raise TaskError(f"task file {str(path)!r} cannot be read ({exc.strerror})") from None
     except ValueError as exc:
         raise TaskError(f"task file {str(path)!r} is not JSON ({exc})") from None
-    if not isinstance(spec, dict):
-        raise TaskError(f"task file {str(path)!r} must hold a JSON object with keys {list(TASK_KEYS)}")
-    bad = sorted(set(spec) - set(TASK_KEYS))
-    if bad:
-        raise TaskError(f"task: unknown key(s) {bad}; allowed: {list(TASK_KEYS)}")
+    _only_keys(spec, TASK_KEYS, "task")
     for key in ("name", "prompts", "judge"):
         if key not in spec:
             raise TaskError(f"task.{key} is required")
