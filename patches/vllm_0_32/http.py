@@ -59,7 +59,7 @@ from value_steer.core.config import (
     parse_request_args,
 )
 from value_steer.core.modes import MODE_VFD
-from value_steer.core.safe_json import RequestArgError, loads_bounded, short_repr
+from value_steer.core.safe_json import JSONSyntaxError, RequestArgError, loads_bounded, short_repr
 from value_steer.core.steering_spec import NAME_RE, NAME_RULE
 from value_steer.patches.vllm_0_32.api import _api_config
 from value_steer.patches.vllm_0_32.frontend import (
@@ -169,9 +169,9 @@ def _parse_body(body: bytes) -> tuple[Any, bool] | None:
     text, utf8 = decoded
     try:
         return loads_bounded(text, "body"), utf8
+    except JSONSyntaxError:
+        return None  # plain invalid JSON: vLLM's own 400
     except RequestArgError as exc:
-        if "not valid JSON" in str(exc) and "Exceeds the limit" not in str(exc):
-            return None  # plain invalid JSON: vLLM's own 400
         raise SteeringBodyError(str(exc), "body") from None
 
 
@@ -565,10 +565,10 @@ async def _register_vector(request: Request) -> Any:
         return refused
     try:
         body = loads_bounded(await request.body(), "body")
-    except RequestArgError as exc:
-        if "nested" in str(exc) or "Exceeds the limit" in str(exc):
-            return _error(str(exc), 400, "body")
-        body = None
+    except JSONSyntaxError:
+        body = None  # answered below with the shape a registration needs
+    except RequestArgError as exc:  # too deep, or a number Python will not read
+        return _error(str(exc), 400, "body")
     if not isinstance(body, dict):
         return _error('the body must be a JSON object {"name": "<vector name>", "data": [...]}', 400)
     unknown = sorted(str(k) for k in body if k not in _REGISTER_KEYS)

@@ -36,6 +36,10 @@ class RequestArgError(ValueError):
     """
 
 
+class JSONSyntaxError(RequestArgError):
+    """Client input that is not JSON at all (a syntax error), as opposed to JSON too deep or too large to read."""
+
+
 def json_depth(data: str | bytes) -> int:
     """The deepest nesting of ``[`` / ``{`` in a JSON text, outside strings, without parsing it.
 
@@ -62,7 +66,9 @@ def loads_bounded(data: str | bytes, field: str, max_depth: int = MAX_JSON_DEPTH
     except RecursionError:
         raise RequestArgError(f"{field}: JSON nested too deeply to read; at most {max_depth} levels are "
                               "accepted") from None
-    except ValueError as exc:  # JSONDecodeError, or int() beyond sys.get_int_max_str_digits()
+    except json.JSONDecodeError as exc:
+        raise JSONSyntaxError(f"{field}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # int() beyond sys.get_int_max_str_digits()
         raise RequestArgError(f"{field}: not valid JSON ({exc})") from None
 
 
