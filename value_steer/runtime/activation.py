@@ -171,7 +171,7 @@ class VectorBank:
 
         Re-registering a name with new data makes a new vector (new content hash, new fingerprints); the old
         content's slot is freed once no name and no running request holds it (its data is kept on the host for a
-        while: :meth:`retired_rows`). Same data: a no-op. ``readonly``: the name cannot be re-registered or
+        while: :meth:`version_rows`). Same data: a no-op. ``readonly``: the name cannot be re-registered or
         deleted later (the server's preloaded vectors).
         Raises:
             VectorBankError: a bad name or data; :class:`BankFullError` when the slots run out;
@@ -232,6 +232,8 @@ class VectorBank:
     def _write(self, idx: int, row: np.ndarray) -> None:
         self._host_np[idx] = row
         self._dirty.append((idx, idx + 1))
+        if len(self._dirty) > 1024:  # registrations on an idle server (no step flushes): one span instead
+            self._dirty = [(min(lo for lo, _ in self._dirty), max(hi for _, hi in self._dirty))]
 
     def _retire(self, info: VectorInfo) -> None:
         """Keep the rows of a version no name holds any more (newest last; oldest dropped past the byte bound)."""
