@@ -10,7 +10,8 @@ vLLM by :func:`get_adapter`. An adapter exports (``patches/vllm_0_32/__init__.py
 - the worker side: ``worker_base``, ``check_engine_config``, ``has_request_validator``,
   ``init_device_with_runner``, ``runner_mixins``,
   ``runner_class``, ``kv_budget_for_scheduler``, ``batch_capacity``, ``model_hidden_size``, ``model_vocab_size``,
-  ``max_num_seqs``, ``measure_residual_norms`` (the reference of ``steering.max_relative_dose``);
+  ``max_num_seqs``, ``served_model_identity``, ``measure_residual_norms`` (the reference of
+  ``steering.max_relative_dose``);
 - vLLM's request-id convention: ``client_request_id``, ``request_id_matches``;
 - the API process: ``RequestArgsValidator`` and ``REQUEST_VALIDATOR`` (what the start-up hook adds to the
   engine's logits processors), ``CONFIG_ENV`` and ``publish_config`` (the server-config hand-off).

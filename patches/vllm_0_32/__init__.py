@@ -43,6 +43,7 @@ from value_steer.patches.vllm_0_32.worker import (
     prepare_engine_args,
     runner_class,
     runner_mixins,
+    served_model_identity,
     worker_base,
 )
 
@@ -73,5 +74,6 @@ __all__ = [
     "request_id_matches",
     "runner_class",
     "runner_mixins",
+    "served_model_identity",
     "worker_base",
 ]

@@ -43,7 +43,7 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
                                    "speculative_config", "compilation_config", "use_v2_model_runner")),
     ("vllm.config", "ModelConfig.get_hidden_size", ("self",)),
     ("vllm.config", "ModelConfig.get_vocab_size", ("self",)),
-    ("vllm.config", "ModelConfig", ("seed", "logits_processors")),
+    ("vllm.config", "ModelConfig", ("seed", "logits_processors", "model", "max_model_len")),
     ("vllm.config", "SchedulerConfig", ("max_num_seqs", "max_num_batched_tokens", "async_scheduling")),
     ("vllm.config", "ParallelConfig", ("pipeline_parallel_size",)),
     ("vllm.config", "CompilationConfig", ("cudagraph_mode", "cudagraph_capture_sizes")),

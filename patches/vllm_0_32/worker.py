@@ -302,6 +302,20 @@ def model_vocab_size(vllm_config: Any) -> int:
     return int(vllm_config.model_config.get_vocab_size())
 
 
+def served_model_identity(vllm_config: Any) -> tuple[str, str | None]:
+    """``(folder name, sha256 of its config.json)`` of the served model (the hash None when the model is not a
+    local folder)."""
+    import hashlib
+
+    path = str(vllm_config.model_config.model)
+    name = os.path.basename(os.path.normpath(path))
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            return name, hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return name, None
+
+
 def max_num_seqs(vllm_config: Any) -> int:
     return int(vllm_config.scheduler_config.max_num_seqs)
 

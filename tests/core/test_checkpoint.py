@@ -337,3 +337,15 @@ def test_device_argument(tmp_path: Path) -> None:
     save_value_head(path, _head())
     ck = load_value_head(path, device=torch.device("cpu"))
     assert all(p.device.type == "cpu" for p in ck.head.parameters())
+
+
+def test_other_model_names_both_models():
+    """A head made on another model (sizes fit): the reason names both; no record, or the same config: None."""
+    from value_steer.core.checkpoint import other_model
+
+    made = {"model": {"name": "SmolLM2-135M-Instruct", "hidden_size": 576, "config_sha256": "a" * 64}}
+    assert other_model(made, "SmolLM2-135M-Instruct", "a" * 64) is None
+    reason = other_model(made, "my-llama", "b" * 64)
+    assert "SmolLM2-135M-Instruct" in reason and "my-llama" in reason
+    assert "my-llama" in other_model(made, "my-llama", None)  # no hash for the served model: names decide
+    assert other_model({}, "my-llama", "b" * 64) is None and other_model({"model": "text"}, "x", None) is None

@@ -130,6 +130,27 @@ class HeadCheckpoint:
         return self.head.hidden_size
 
 
+def other_model(meta: Mapping[str, Any], served_name: str, served_config_sha256: str | None) -> str | None:
+    """Why a head made for another model may not fit the served one (sizes already checked), or None.
+
+    ``meta["model"]`` is what ``value-steer pipeline`` records (``name``, ``hidden_size``, ``config_sha256``); a head
+    without that record (older heads, hand-made ones) is not judged. The config hashes decide when both are known,
+    else the names.
+    """
+    rec = meta.get("model") if isinstance(meta, Mapping) else None
+    if not isinstance(rec, Mapping):
+        return None
+    made_sha, made_name = rec.get("config_sha256"), rec.get("name")
+    if made_sha and served_config_sha256:
+        if made_sha == served_config_sha256:
+            return None
+        return (f"it was made on {made_name!r} (config sha256 {str(made_sha)[:12]}...), the server runs "
+                f"{served_name!r} (config sha256 {served_config_sha256[:12]}...)")
+    if made_name and made_name != served_name:
+        return f"it was made on {made_name!r}, the server runs {served_name!r}"
+    return None
+
+
 def sidecar_path(path: str | os.PathLike[str]) -> str:
     """``<path>.meta.json``: where the sidecar of the weights file ``path`` lives."""
     return os.fspath(path) + SIDECAR_SUFFIX

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from value_steer.core.checkpoint import other_model
 from value_steer.core.config import SteerConfig, parse_additional_config
 from value_steer.core.modes import MODE_OFF
 from value_steer.patches import get_adapter
@@ -60,6 +61,12 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
             vocab_size=_adapter.model_vocab_size(self.vllm_config),
         )
         runner._vs_state = state
+        if state.checkpoint is not None:
+            name, config_sha = _adapter.served_model_identity(self.vllm_config)
+            reason = other_model(state.checkpoint.meta, name, config_sha)
+            if reason is not None:
+                logger.warning("value_steer: %s.value_head_path %s may not suit this model: %s", cfg.section,
+                               cfg.value_head_path, reason)
         if cfg.capture is not None:
             runner._vs_capture = CaptureWriter(cfg.capture.dir)
         mode = {MODE_OFF: "off"}.get(cfg.mode, cfg.section)
