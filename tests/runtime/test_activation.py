@@ -82,13 +82,25 @@ def test_register_lookup_list_and_flush():
         ("v", torch.ones(H + 1), r"shape must be \[8\] or \[4, 8\]"),
         ("v", torch.ones(L + 1, H), r"shape must be \[8\] or \[4, 8\]"),
         ("v", torch.zeros(H), "zero vector"),
-        ("v", torch.stack([torch.ones(H), torch.zeros(H), torch.ones(H), torch.ones(H)]), r"zero vector \(row 1\)"),
+        ("v", torch.zeros(L, H), "zero vector"),
         ("v", torch.tensor([math.nan] + [1.0] * (H - 1)), "NaN or inf"),
     ],
 )
 def test_register_refuses_bad_input(name, data, match):
     with pytest.raises(VectorBankError, match=match):
         _bank().register(name, data)
+
+
+def test_a_per_layer_vector_may_leave_layers_zero_but_no_op_uses_them():
+    """Issue 22's per-layer files (``vectors --pairs``) leave unrequested layers zero: they register, and an op or a
+    gate at such a layer is refused naming the layer (a zero row has no direction to add, cap or ablate along)."""
+    bank = _bank()
+    rows = torch.stack([torch.ones(H), torch.zeros(H), torch.ones(H), torch.ones(H)])
+    info = bank.register("v", rows)
+    assert info.norms[1] == 0.0
+    assert bank.acquire_ref("v", 2)[1] == info.slots[2]
+    with pytest.raises(VectorBankError, match="no direction at layer 1"):
+        bank.acquire_ref("v", 1)
 
 
 def test_refcounts_delete_and_replace():

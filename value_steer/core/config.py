@@ -515,6 +515,11 @@ def parse_request_args(
             max_inline_floats=cfg.steering.max_inline_floats,
             resolve=resolve,
         )
+        if vector_norm is not None:
+            for fld, ref, layer in spec.vector_refs():
+                if vector_norm(ref, layer) == 0.0:  # a per-layer vector's row left zero (made for other layers)
+                    raise RequestArgError(f"{fld}: vector {ref!r} has no direction at layer {layer} (its row for "
+                                          "that layer is zero)")
         dose = cfg.steering.max_relative_dose
         if dose is not None and residual_norms is not None and vector_norm is not None:
             check_doses(spec, residual_norms, dose, vector_norm)

@@ -97,6 +97,13 @@ def capture_layers(model: str, prompts: list, layers: tuple[int, ...], out_dir: 
 
 def _read_layer(directory: Path, request_ids: list[str], prompt_len: dict[str, int]) -> list[torch.Tensor]:
     """Per request (in ``request_ids`` order), its captured rows at positions >= its prompt length, in order."""
+    return read_layer_rows(directory, request_ids, {rid: (n, None) for rid, n in prompt_len.items()})
+
+
+def read_layer_rows(directory: Path, request_ids: list[str],
+                    window: dict[str, tuple[int, int | None]]) -> list[torch.Tensor]:
+    """Per request (in ``request_ids`` order), its captured rows of one layer at positions ``lo <= p < hi``
+    (``window[rid] = (lo, hi)``, ``hi`` None: no end), in position order, ``[T_i, H]`` fp32."""
     from safetensors.torch import load_file
 
     from value_steer.core.features import read_capture_index
@@ -114,10 +121,12 @@ def _read_layer(directory: Path, request_ids: list[str], prompt_len: dict[str, i
     for rid in request_ids:
         s = index[rid]
         lo, hi = int(bounds[s]), int(bounds[s + 1])
-        keep = pos[lo:hi] >= prompt_len[rid]
+        start, end = window[rid]
+        p = pos[lo:hi]
+        keep = (p >= start) & (p < end) if end is not None else p >= start
         rows = hidden[lo:hi][keep]
         if rows.shape[0] == 0:
-            raise RuntimeError(f"{directory}: request {rid} has no decode-token rows")
+            raise RuntimeError(f"{directory}: request {rid} has no captured rows at positions [{start}, {end})")
         out.append(rows)
     return out
 
@@ -241,6 +250,11 @@ def save_vector(out_dir: Path, name: str, vector: torch.Tensor, meta: dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--pairs" or a.startswith("--pairs=") for a in argv):
+        from value_steer.offline.pairs import main as pairs_main
+
+        return pairs_main(argv)
     from value_steer.offline.assets import default_vectors_dir
     from value_steer.offline.data_dir import data_dir
     from value_steer.offline.models import prepare_smollm2

@@ -34,6 +34,11 @@ from value_steer.core.config import RequestArgError
 from value_steer.core.steering_spec import NAME_RE, NAME_RULE, OP_CODES, InlineVector, SteeringSpec, VectorRef
 
 
+def zero_row_message(name: str, layer: int) -> str:
+    return (f"vector {name!r} has no direction at layer {layer} (its row for that layer is zero: it was made for "
+            "other layers)")
+
+
 class VectorBankError(ValueError):
     """A vector-bank operation was refused (unknown name, bad data, full bank, vector in use)."""
 
@@ -155,9 +160,9 @@ class VectorBank:
         if not np.isfinite(rows).all():
             raise VectorBankError(f"vector {name!r}: has NaN or inf entries")
         zero = ~rows.any(axis=1)
-        if zero.any():
-            where = f" (row {int(np.argmax(zero))})" if a.ndim == 2 else ""
-            raise VectorBankError(f"vector {name!r}: zero vector{where}; a steering vector needs a direction")
+        if zero.all():
+            raise VectorBankError(f"vector {name!r}: zero vector; a steering vector needs a direction")
+        # A per-layer entry may leave layers zero (made for some layers only): an op there is refused (acquire_ref).
         return rows, a.ndim
 
     def _full(self, what: str, needed: int, free: int) -> BankFullError:
@@ -369,6 +374,8 @@ class VectorBank:
             if info is None:
                 raise VectorBankError(f"unknown vector {ref!r} (not registered, or deleted)")
             h = info.row_hash(layer)
+            if info.norms[layer if info.per_layer else 0] == 0.0:
+                raise VectorBankError(zero_row_message(ref, layer))
             return h, self.acquire(h)
 
     def release(self, content_hash: str) -> None:
@@ -684,6 +691,8 @@ class ActivationTables:
             return rows[0]
         if not 0 <= layer < rows.shape[0]:
             raise RequestArgError(f"{fld}: layer {layer} out of range for per-layer vector {name!r}")
+        if not rows[layer].any():
+            raise RequestArgError(f"{fld}: {zero_row_message(name, layer)}")
         return rows[layer]
 
     def remove_request(self, row: int) -> None:
