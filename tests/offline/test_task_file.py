@@ -142,3 +142,14 @@ def test_pipeline_makes_a_head_for_a_users_task_and_model(tmp_path, tiny_model_d
     stats = llm.collective_rpc("value_steer_stats", args=(out[0].request_id,))[0]["stats"]
     assert stats["num_scored"] > 0 and np.isfinite(stats["last_value"])
     assert main(["pipeline", "--task", str(tmp_path / "nope.json"), "--model", str(tiny_model_dir)]) == 2
+
+    # value-steer eval --quick --task: the report is titled by the task and shows its judge.
+    out = tmp_path / "report" / "evaluation-parity.md"
+    assert main(["eval", "--quick", "--task", str(path), "--model", str(tiny_model_dir), "--head", str(head),
+                 "--no-activation", "--no-logit", "--n-cal", "8", "--n-test", "8", "--max-tokens", "6", "--ks", "2",
+                 "--thresholds", "0.5", "0.9", "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md.startswith(f"# Evaluation: value steering of {Path(tiny_model_dir).name} (task parity)")
+    assert "- Judge: `parity_judge:judge` (task `parity`" in md
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["task"]["name"] == "parity" and {c["mode"] for c in results["conditions"]} >= {"base", "vfd"}

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="value-steer eval", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few prompts and tokens (CI smoke run, minutes)")
+    ap.add_argument("--task", default=None, help="a task file (default: the built-in sentiment task)")
     ap.add_argument("--model", default=None, help="HF folder (default: the prepared SmolLM2-135M-Instruct)")
     ap.add_argument("--head", default=None, help="value head (default: the committed SmolLM2 head)")
     ap.add_argument("--out", default="docs/evaluation.md")
@@ -107,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             results = json.load(f)
         results.setdefault("command", command.strip())
     else:
+        from value_steer.offline.tasks.task_file import TaskError, load_task
+
+        try:
+            task = load_task(args.task) if args.task is not None else None
+        except TaskError as exc:
+            ap.error(str(exc))
         model = args.model or str(prepare_smollm2())
         head = args.head or str(default_head_path())
         if not os.path.isfile(head):
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if plan.logit_strengths and not os.path.isfile(logit):
             ap.error(f"--logit-checkpoint: not found: {logit} (value-steer train-logit makes one; or --no-logit)")
         results = run(plan, model, head, vectors if plan.activation else None,
-                      logit_checkpoint=logit if plan.logit_strengths else None, log=lambda s: print(s, flush=True))
+                      logit_checkpoint=logit if plan.logit_strengths else None, log=lambda s: print(s, flush=True),
+                      task=task)
         results["command"] = command.strip()
     text = write_report(results, Path(args.out), results["command"])
     print(text)

@@ -261,14 +261,22 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
     base = {split: _base(results, split) for split in ("calibration", "test")}
     base_ppl = {s: b["perplexity"]["value"] for s, b in base.items()}
     pngs = plot(results, out)
-    md = ["# Evaluation: value steering of SmolLM2-135M-Instruct (negative sentiment)\n",
+    task = results.get("task")
+    title = ("# Evaluation: value steering of SmolLM2-135M-Instruct (negative sentiment)\n" if task is None else
+             f"# Evaluation: value steering of {os.path.basename(str(results['model']).rstrip('/'))} "
+             f"(task {task['name']})\n")
+    judge = ("- Judge: VADER compound < -0.05 is undesirable. Prompts: held-out topics (calibration "
+             f"{plan['n_cal']}, test {plan['n_test']} prompts)." if task is None else
+             f"- Judge: `{task['judge']}` (task `{task['name']}`, task file `{task['task_file']}`, prompts sha256 "
+             f"{str(task.get('prompts_sha256'))[:12]}...): undesirable as it says. Prompts: the task's calibration "
+             f"({plan['n_cal']}) and test ({plan['n_test']}) splits.")
+    md = [title,
           f"Reproduce: `{command}` ({_runtime(results)}). Every number below is printed by that command and stored "
           f"in `{out.with_suffix('.json').name}`.\n",
           f"- Model: `{os.path.basename(str(results['model']).rstrip('/'))}` fp32 through vLLM (CPU), "
           f"sampling temperature {TEMPERATURE:g}, top-p {TOP_P:g}, at most {plan['max_tokens']} new tokens, one "
           "response per prompt, the same per-request seeds in every condition.",
-          "- Judge: VADER compound < -0.05 is undesirable. Prompts: held-out topics (calibration "
-          f"{plan['n_cal']}, test {plan['n_test']} prompts).",
+          judge,
           f"- Head: `{os.path.basename(results['head'])}`; sidecar (conformal) threshold "
           f"{results['head_threshold']:.4f}, used for abstention.",
           *_vectors_lines(results),

@@ -84,20 +84,26 @@ def _stats(llm: Any, request_id: str) -> dict[str, Any]:
 
 
 def generate(llm: Any, prompts: list, *, max_tokens: int, extra_args: dict[str, Any], seed: int,
-             capture_first: int = 0) -> tuple[list[Generated], float]:
+             capture_first: int = 0, task: Any = None) -> tuple[list[Generated], float]:
     """One condition: every prompt once, batched. Returns the responses and the batch's wall seconds; the
-    first ``capture_first`` requests are captured (the value trajectories)."""
+    first ``capture_first`` requests are captured (the value trajectories). ``task``: whose judge labels the
+    responses (default: the built-in sentiment task); a prompt whose ``messages`` is None goes as a raw completion."""
     from vllm import SamplingParams
 
     from value_steer.offline.assets import TEMPERATURE, TOP_P
-    from value_steer.offline.tasks.sentiment import judge_negative
+    from value_steer.offline.tasks.task_file import load_task
+
+    judge_negative = (task if task is not None else load_task(None)).judge_negative
 
     sps = [SamplingParams(temperature=TEMPERATURE, top_p=TOP_P, max_tokens=max_tokens, logprobs=0,
                           seed=seed * 1_000_003 + i,
                           extra_args={**extra_args, "value_steer_capture": i < capture_first})
            for i in range(len(prompts))]
     t0 = time.perf_counter()
-    outs = llm.chat([p.messages for p in prompts], sps, use_tqdm=False)
+    if all(getattr(p, "messages", None) is None for p in prompts):
+        outs = llm.generate([p.text for p in prompts], sps, use_tqdm=False)
+    else:
+        outs = llm.chat([p.messages for p in prompts], sps, use_tqdm=False)
     wall = time.perf_counter() - t0
     neg = judge_negative([o.outputs[0].text for o in outs])
     got = []
@@ -239,12 +245,17 @@ def _gate_trajectories(layer_dir: Path, vectors: SteeringVectors, request_ids: d
 
 
 def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = None, *,
-        logit_checkpoint: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        logit_checkpoint: str | None = None, log: Callable[[str], None] = print, task: Any = None) -> dict[str, Any]:
     """Run every condition of ``plan``; returns the JSON-ready results. ``vectors_dir``: the steering vectors
     (needed when ``plan.activation``); ``logit_checkpoint``: the logit-steering generator (needed when
-    ``plan.logit_strengths``)."""
+    ``plan.logit_strengths``); ``task``: a :func:`~value_steer.offline.tasks.task_file.load_task` task whose prompts
+    and judge the run uses (None: the built-in sentiment task; its results then carry no ``task`` entry)."""
     from value_steer.core.checkpoint import load_value_head
-    from value_steer.offline.tasks.sentiment import sample_prompts
+    from value_steer.offline.tasks.task_file import load_task
+
+    user_task = task
+    task = task if task is not None else load_task(None)
+    sample_prompts = task.sample_prompts
 
     ckpt = load_value_head(head_path)
     if ckpt.threshold is None:
@@ -271,7 +282,7 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
                ) -> dict[str, str]:
         """Generate, rescore and measure one condition; returns the captured (value) request ids."""
         gens, wall = generate(llm, prompts, max_tokens=plan.max_tokens, extra_args=extra, seed=plan.seed,
-                              capture_first=capture_first)
+                              capture_first=capture_first, task=task)
         gated = bool(cond.steering and "gate" in cond.steering)
         lps, cond.rescore_s, cap_ids = rescore(llm, gens, gate_layer if gated else None, n_ex if gated else 0)
         if cap_ids:
@@ -358,7 +369,9 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
     wall = time.perf_counter() - t_start
     gen_s = sum(c.metrics["wall_s"] for c in conditions)
     rescore_s = sum(c.rescore_s for c in conditions)
+    extra: dict[str, Any] = {} if user_task is None else {"task": user_task.record()}
     return {
+        **extra,
         "plan": asdict(plan),
         "model": model,
         "head": head_path,
