@@ -153,3 +153,24 @@ def test_pipeline_makes_a_head_for_a_users_task_and_model(tmp_path, tiny_model_d
     assert "- Judge: `parity_judge:judge` (task `parity`" in md
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["task"]["name"] == "parity" and {c["mode"] for c in results["conditions"]} >= {"base", "vfd"}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_train_logit_takes_a_task(tmp_path, tiny_model_dir):
+    """``value-steer train-logit --task T --model DIR``: the task's prompts (raw completions here) and judge make the
+    pairs; the generator's sidecar names the task."""
+    pytest.importorskip("vllm")
+    from value_steer.core.logit_steer import load_logit_steer
+    from value_steer.offline.cli import main
+
+    code = "def judge(texts):\n    return [i % 2 == 1 for i in range(len(texts))]\n"  # both sides for every prompt
+    path = _write(tmp_path / "task", {"name": "alt", "prompts": "prompts.jsonl", "judge": "alt_judge:judge",
+                                      "chat": False}, [{"prompt": p} for p in PROMPTS], {"alt_judge.py": code})
+    out = tmp_path / "gen.safetensors"
+    assert main(["train-logit", "--task", str(path), "--model", str(tiny_model_dir), "--n-prompts", "4",
+                 "--samples-per-prompt", "4", "--max-tokens", "8", "--rank", "2", "--gate-hidden", "4", "--epochs",
+                 "1", "--batch-prompts", "2", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    ckpt = load_logit_steer(out, hidden_size=64, vocab_size=512)
+    assert ckpt.training["task"]["name"] == "alt" and "alt_judge:judge" in ckpt.training["judge"]
+    assert ckpt.training["data"]["pairs"] == 4 * 4 and ckpt.command.startswith("value-steer train-logit --task ")

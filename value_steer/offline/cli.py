@@ -162,8 +162,13 @@ def cmd_vectors(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_train_logit(args: argparse.Namespace, extra: list[str]) -> int:
     from value_steer.offline.logit_training import run
+    from value_steer.offline.tasks.task_file import TaskError
 
-    run(args)
+    try:
+        run(args)
+    except TaskError as exc:
+        print(f"value-steer train-logit: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -230,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("train-logit", help="train a logit-steering generator on VADER preference pairs of the model's "
                        "own samples (value_steer.offline.logit_training)")
     g.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct, prepared on first use)")
+    g.add_argument("--task", default=None, help="a task file: its prompts and judge (default: the built-in sentiment "
+                   "task, VADER)")
     g.add_argument("--split", choices=["train", "calibration", "test"], default="train")
     g.add_argument("--n-prompts", type=int, default=400, help="prompts (a deterministic subset of the split)")
     g.add_argument("--samples-per-prompt", type=int, default=4, help="responses per prompt (distinct seeds)")

@@ -353,15 +353,16 @@ def collect_samples(model: str, prompts: Sequence[Any], work: Path, *, samples_p
     kwargs = {"kv_use": "eval", "max_model_len": 1024, "max_num_seqs": 64, "seed": seed, **(engine_kwargs or {})}
     llm = offline_llm(model, {"capture": {"dir": str(cap), "enabled_by_default": True}}, **kwargs)
     convs, params, owner = [], [], []
+    raw = all(getattr(p, "messages", None) is None for p in prompts)  # a task with "chat": false
     for i, p in enumerate(prompts):
         for j in range(samples_per_prompt):
-            convs.append(p.messages)
+            convs.append(p.text if raw else p.messages)
             # Distinct, reproducible seeds per (prompt, sample): the samples of a prompt differ.
             params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                          seed=(seed * 1_000_003 + i * samples_per_prompt + j) % (2**31)))
             owner.append(i)
     t0 = time.perf_counter()
-    outs = llm.chat(convs, params, use_tqdm=True)
+    outs = llm.generate(convs, params, use_tqdm=True) if raw else llm.chat(convs, params, use_tqdm=True)
     n_tok = sum(len(o.outputs[0].token_ids) for o in outs)
     print(f"train-logit: {len(outs)} responses, {n_tok} tokens in {time.perf_counter() - t0:.0f}s", flush=True)
     llm.collective_rpc("value_steer_flush_capture")
@@ -414,6 +415,8 @@ def load_responses(work: Path, records: Sequence[dict[str, Any]], negative: Sequ
 def reproduce_command(args: argparse.Namespace, model_given: bool) -> str:
     """``value-steer train-logit`` with every option spelled out (defaults changing later cannot change it)."""
     parts = ["value-steer", "train-logit"]
+    if getattr(args, "task", None) is not None:
+        parts += ["--task", args.task]
     if model_given:
         parts += ["--model", args.model]
     for flag in ("split", "n_prompts", "samples_per_prompt", "max_tokens", "temperature", "top_p", "rank",
@@ -425,13 +428,22 @@ def reproduce_command(args: argparse.Namespace, model_given: bool) -> str:
 
 def run(args: argparse.Namespace, *, judge: Callable[[list[str]], np.ndarray] | None = None,
         engine_kwargs: dict[str, Any] | None = None) -> LogitTrainResult:
-    """``value-steer train-logit``: samples -> VADER pairs -> training -> checkpoint + sidecar. Prints the runtime.
+    """``value-steer train-logit``: samples -> judged pairs -> training -> checkpoint + sidecar. Prints the runtime.
 
-    ``judge(texts) -> negative [n] bool`` (default: VADER's ``judge_negative``); ``engine_kwargs`` go to the
-    sampling engine (tests: a tiny model's sizes).
+    The prompts and the judge are ``args.task``'s (a task file; None: the built-in sentiment task, VADER).
+    ``judge(texts) -> negative [n] bool`` overrides the task's judge; ``engine_kwargs`` go to the sampling engine
+    (tests: a tiny model's sizes).
     """
     from value_steer.offline.data_dir import data_dir
-    from value_steer.offline.tasks.sentiment import compound, judge_negative, sample_prompts
+    from value_steer.offline.tasks.sentiment import compound
+    from value_steer.offline.tasks.task_file import load_task
+
+    task_file = getattr(args, "task", None)
+    task = load_task(task_file)
+    if task.labelled:
+        raise ValueError(f"task {task.name!r}: train-logit samples the model and judges the samples; a 'labels' task "
+                         "has no judge")
+    judge_negative, sample_prompts = task.judge_negative, task.sample_prompts
 
     t_start = time.perf_counter()
     model_given = args.model is not None
@@ -442,9 +454,10 @@ def run(args: argparse.Namespace, *, judge: Callable[[list[str]], np.ndarray] | 
 
         model = str(prepare_smollm2())
     name = Path(model).name
+    prefix = "" if task_file is None else task.name + "-"  # the built-in task keeps its folders
     work = Path(args.work) if args.work else (
-        data_dir() / "logit" / f"{name}-{args.split}-{args.n_prompts}x{args.samples_per_prompt}-{args.max_tokens}-"
-        f"T{args.temperature:g}-p{args.top_p:g}-seed{args.seed}")  # fmt: skip
+        data_dir() / "logit" / f"{prefix}{name}-{args.split}-{args.n_prompts}x{args.samples_per_prompt}-"
+        f"{args.max_tokens}-T{args.temperature:g}-p{args.top_p:g}-seed{args.seed}")  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
     prompts = sample_prompts(args.split, args.n_prompts, args.seed)
     t0 = time.perf_counter()
@@ -475,12 +488,16 @@ def run(args: argparse.Namespace, *, judge: Callable[[list[str]], np.ndarray] | 
         "method": "GenSteer/CALM-style low-rank logit generator, base frozen; DPO-style loss "
                   "-logsigmoid(beta * (mean log p_chosen - mean log p_rejected)) + kl_weight * mean per-token "
                   "KL(p_steered || p_base), at multiplier 1",
-        "judge": "VADER compound (value_steer.offline.tasks.sentiment): chosen >= -0.05 > rejected",
+        "judge": ("VADER compound (value_steer.offline.tasks.sentiment): chosen >= -0.05 > rejected"
+                  if task_file is None else f"{task.judge_spec} (task {task.name}): chosen judged fine, rejected "
+                  "judged undesirable"),
+        **({} if task_file is None else {"task": task.record()}),
         "data": {"split": args.split, "prompts": len(prompts), "samples_per_prompt": args.samples_per_prompt,
                  "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                  "responses": len(responses), "chosen_side": n_pos, "pairs": int(pairs.shape[0]),
                  "train_pairs": result.n_train_pairs, "val_pairs": result.n_val_pairs,
-                 "mean_compound": float(np.mean(compound(texts))) if texts else None},
+                 **({"mean_compound": float(np.mean(compound(texts))) if texts else None} if task_file is None
+                    else {"undesirable_rate": float(np.mean(negative)) if texts else None})},
         "hyperparameters": {"beta": args.beta, "kl_weight": args.kl_weight, "epochs": args.epochs, "lr": args.lr,
                             "weight_decay": args.weight_decay, "batch_prompts": args.batch_prompts,
                             "val_frac": args.val_frac, "seed": args.seed},
