@@ -124,3 +124,34 @@ def test_serve_argv_adds_the_logit_steering_section():
     assert cfg["logit_steering"] == {"checkpoint": "/g"} and "steering" not in cfg
     assert build_parser().parse_args(["serve"]).logit_steering is True
     assert build_parser().parse_args(["serve", "--no-logit-steering"]).logit_steering is False
+
+
+def test_serve_takes_a_users_model_vectors_and_generator(tmp_path, monkeypatch):
+    """``value-steer serve --model DIR --head H --vectors D --generator G``: the sections name them; with another
+    model and no --vectors / --generator, the committed SmolLM2 ones are not preloaded."""
+    from value_steer.offline import cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(cli.os, "execvpe", lambda exe, argv, env: seen.append(argv))
+    from tests.helpers import write_constant_head
+
+    head = write_constant_head(tmp_path / "h.safetensors", 64, 0.0, 0.6)
+    vectors = tmp_path / "vectors"
+    vectors.mkdir()
+    (vectors / "tone.safetensors").write_bytes(b"x")
+    gen = tmp_path / "g.safetensors"
+    gen.write_bytes(b"x")
+
+    def config(argv):
+        cli.main(argv)
+        args = seen[-1]
+        return json.loads(args[args.index("--additional-config") + 1])
+
+    cfg = config(["serve", "--model", "/m/mine", "--head", str(head), "--threshold", "0.5", "--vectors", str(vectors),
+                  "--generator", str(gen)])
+    assert cfg["steering"] == {"vectors": str(vectors)} and cfg["logit_steering"] == {"checkpoint": str(gen)}
+    cfg = config(["serve", "--model", "/m/mine", "--head", str(head), "--threshold", "0.5"])
+    assert cfg["steering"] == {} and "logit_steering" not in cfg
+    with pytest.raises(SystemExit, match="--vectors"):
+        cli.main(["serve", "--model", "/m/mine", "--head", str(head), "--threshold", "0.5", "--vectors",
+                  str(tmp_path / "none")])

@@ -84,17 +84,23 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     threshold = args.threshold
     if threshold is None and args.mode == "vfd":
         threshold = vfd_operating_threshold(head)
+    # The committed vectors and generator are SmolLM2's: with another --model they are preloaded only when named.
+    own_model = args.model is None
     steering = None
     if args.steering:
-        vectors = default_vectors_dir()
-        has_vectors = vectors.is_dir() and any(vectors.glob("*.safetensors"))
+        vectors = Path(args.vectors) if args.vectors else default_vectors_dir() if own_model else None
+        has_vectors = vectors is not None and vectors.is_dir() and any(vectors.glob("*.safetensors"))
+        if args.vectors and not has_vectors:
+            raise SystemExit(f"value-steer serve: --vectors: no .safetensors vectors in {args.vectors}")
         steering = {"vectors": str(vectors)} if has_vectors else {}
     logit = None
     if args.logit_steering:
         # The committed generator, off unless a request asks (``"logit_steering": s``); a checkout without one
         # (a custom install) serves without the section.
-        checkpoint = default_logit_checkpoint()
-        logit = {"checkpoint": str(checkpoint)} if checkpoint.is_file() else None
+        checkpoint = Path(args.generator) if args.generator else default_logit_checkpoint() if own_model else None
+        if args.generator and not checkpoint.is_file():
+            raise SystemExit(f"value-steer serve: --generator: not found: {args.generator}")
+        logit = {"checkpoint": str(checkpoint)} if checkpoint is not None and checkpoint.is_file() else None
     argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, threshold, extra,
                       steering, logit)
     env = {**vllm_cpu_env("serve", in_process=False), **os.environ}
@@ -190,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="vllm serve with ValueSteerWorker (extra args go to vllm serve)")
     s.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct, prepared on first use)")
     s.add_argument("--head", default=None, help="value head checkpoint (default: the committed SmolLM2 head)")
+    s.add_argument("--vectors", default=None, metavar="DIR",
+                   help="steering vectors to preload (default: the committed SmolLM2 ones, with the default model)")
+    s.add_argument("--generator", default=None, metavar="PATH",
+                   help="logit-steering generator (default: the committed SmolLM2 one, with the default model)")
     s.add_argument("--mode", choices=["vfd", "abstain"], default="vfd")
     s.add_argument("--num-candidates", type=int, default=4)
     s.add_argument("--threshold", type=float, default=None,
