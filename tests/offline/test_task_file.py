@@ -174,3 +174,25 @@ def test_train_logit_takes_a_task(tmp_path, tiny_model_dir):
     ckpt = load_logit_steer(out, hidden_size=64, vocab_size=512)
     assert ckpt.training["task"]["name"] == "alt" and "alt_judge:judge" in ckpt.training["judge"]
     assert ckpt.training["data"]["pairs"] == 4 * 4 and ckpt.command.startswith("value-steer train-logit --task ")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vectors_take_a_task(tmp_path, tiny_model_dir, monkeypatch):
+    """``value-steer vectors --task T --model DIR --out D``: the judged-sample method with the task's prompts and
+    judge writes ``<task>`` and ``<task>_probe`` with sidecars naming the task; --out is required with --task."""
+    pytest.importorskip("vllm")
+    from value_steer.offline.cli import main
+
+    monkeypatch.setenv("VALUE_STEER_DATA_DIR", str(tmp_path / "data"))
+    code = "def judge(texts):\n    return [len(t) % 2 == 0 for t in texts]\n"
+    path = _write(tmp_path / "task", {"name": "parity", "prompts": "prompts.jsonl", "judge": "parity_judge2:judge",
+                                      "chat": False}, [{"prompt": p} for p in PROMPTS], {"parity_judge2.py": code})
+    out = tmp_path / "vectors"
+    assert main(["vectors", "--task", str(path), "--model", str(tiny_model_dir), "--out", str(out), "--n-train", "40",
+                 "--n-cal", "36", "--n-sweep", "6", "--layers", "0", "1", "--max-tokens", "8"]) == 0
+    for name in ("parity", "parity_probe"):
+        meta = json.loads((out / f"{name}.safetensors.meta.json").read_text())
+        assert meta["task"]["name"] == "parity" and meta["judge"] == "parity_judge2:judge"
+    with pytest.raises(SystemExit):
+        main(["vectors", "--task", str(path), "--model", str(tiny_model_dir)])

@@ -74,16 +74,28 @@ def _sampling(n: int, max_tokens: int, seed: int, extra: dict[str, Any] | None =
                            logprobs=0 if logprobs else None, extra_args=extra) for i in range(n)]
 
 
-def capture_layers(model: str, prompts: list, layers: tuple[int, ...], out_dir: Path, *, max_tokens: int,
-                   seed: int) -> Captured:
-    """Generate for ``prompts`` with ``capture_layers`` on and read the decode-token streams back."""
-    from value_steer.offline.tasks.sentiment import judge_negative
+def _ask(llm: Any, prompts: list, params: list[Any], use_tqdm: bool) -> list[Any]:
+    """Chat prompts through ``llm.chat``; a task's raw completion prompts (``messages`` None) through ``generate``."""
+    if all(getattr(p, "messages", None) is None for p in prompts):
+        return llm.generate([p.text for p in prompts], params, use_tqdm=use_tqdm)
+    return llm.chat([p.messages for p in prompts], params, use_tqdm=use_tqdm)
 
+
+def _judge(task: Any) -> Any:
+    from value_steer.offline.tasks.task_file import load_task
+
+    return (task if task is not None else load_task(None)).judge_negative
+
+
+def capture_layers(model: str, prompts: list, layers: tuple[int, ...], out_dir: Path, *, max_tokens: int,
+                   seed: int, task: Any = None) -> Captured:
+    """Generate for ``prompts`` with ``capture_layers`` on and read the decode-token streams back; the task's judge
+    (default: the built-in sentiment task's) labels the responses."""
+    judge_negative = _judge(task)
     out_dir.mkdir(parents=True, exist_ok=True)
     llm = _engine(model, {"steering": {}, "capture": {"dir": str(out_dir)}}, seed)
     t0 = time.time()
-    outs = llm.chat([p.messages for p in prompts],
-                    _sampling(len(prompts), max_tokens, seed, {"capture_layers": list(layers)}), use_tqdm=True)
+    outs = _ask(llm, prompts, _sampling(len(prompts), max_tokens, seed, {"capture_layers": list(layers)}), True)
     llm.collective_rpc("value_steer_flush_capture")
     print(f"vectors: captured {len(outs)} responses at layers {list(layers)} in {time.time() - t0:.0f}s", flush=True)
     del llm
@@ -200,13 +212,13 @@ def calibrate_gate(w: torch.Tensor, b: float, streams: list[torch.Tensor], label
 
 
 def layer_sweep(model: str, prompts: list, directions: dict[int, torch.Tensor], *, coef: float, max_tokens: int,
-                seed: int) -> dict[str, Any]:
+                seed: int, task: Any = None) -> dict[str, Any]:
     """Undesirable rate and perplexity (under the unsteered model) of ``add(L, d_L, coef)`` per layer, and base."""
     from value_steer.core.steering_spec import Steering, add
     from value_steer.offline.evaluate.run import rescore_token_ids
     from value_steer.offline.evaluate.stats import perplexity_of
-    from value_steer.offline.tasks.sentiment import judge_negative
 
+    judge_negative = _judge(task)
     # The sweep runs the doses it measures (an operator's experiment): the serving guard against hostile doses is off.
     llm = _engine(model, {"steering": {"max_relative_dose": None}}, seed)
     rows: dict[str, Any] = {}
@@ -215,8 +227,7 @@ def layer_sweep(model: str, prompts: list, directions: dict[int, torch.Tensor], 
                    for layer, d in directions.items()]
     for name, extra in conditions:
         t0 = time.time()
-        outs = llm.chat([p.messages for p in prompts], _sampling(len(prompts), max_tokens, seed, extra),
-                        use_tqdm=False)
+        outs = _ask(llm, prompts, _sampling(len(prompts), max_tokens, seed, extra), False)
         neg = judge_negative([o.outputs[0].text for o in outs])
         # Perplexity as value-steer eval defines it, under the unsteered model.
         lps, _, _ = rescore_token_ids(llm, [o.prompt_token_ids for o in outs], [o.outputs[0].token_ids for o in outs])
@@ -258,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     from value_steer.offline.assets import default_vectors_dir
     from value_steer.offline.data_dir import data_dir
     from value_steer.offline.models import prepare_smollm2
-    from value_steer.offline.tasks.sentiment import sample_prompts
+    from value_steer.offline.pipeline import model_record
+    from value_steer.offline.tasks.task_file import TaskError, load_task
 
     ap = argparse.ArgumentParser(prog="value-steer vectors", description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default=None, help="a task file: its prompts and judge (default: the built-in "
+                    "sentiment task); the vectors are named after the task (<name>, <name>_probe)")
     ap.add_argument("--model", default=None, help="HF folder (default: the prepared SmolLM2-135M-Instruct)")
     ap.add_argument("--n-train", type=int, default=600, help="training prompts (directions and probes)")
     ap.add_argument("--n-cal", type=int, default=300, help="calibration prompts (the gate's conformal threshold)")
@@ -271,16 +285,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-ppl-increase", type=float, default=0.10)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(default_vectors_dir()))
+    ap.add_argument("--out", default=None, help="output folder (default: the package's data/vectors, built-in task "
+                    "only)")
     args = ap.parse_args(argv)
     t_start = time.time()
+    try:
+        task = load_task(args.task)
+    except TaskError as exc:
+        ap.error(str(exc))
+    builtin = args.task is None
+    if args.out is None:
+        if not builtin:
+            ap.error("--out is required with --task (the package's data/vectors holds the built-in task's vectors)")
+        args.out = str(default_vectors_dir())
+    vector_name, probe_name = (VECTOR_NAME, PROBE_NAME) if builtin else (task.name, f"{task.name}_probe")
+    sample_prompts = task.sample_prompts
     model = args.model or str(prepare_smollm2())
     layers = tuple(sorted(set(args.layers)))
-    work = data_dir() / "vectors" / f"capture-{args.n_train}-{args.n_cal}-{args.max_tokens}-{args.seed}"
+    run = f"capture-{args.n_train}-{args.n_cal}-{args.max_tokens}-{args.seed}"
+    work = data_dir() / "vectors" / (run if builtin else f"{task.name}-{Path(model).name}-{run}")
     command = "value-steer vectors " + " ".join(argv if argv is not None else sys.argv[2:])
 
     train = capture_layers(model, sample_prompts("train", args.n_train, args.seed), layers, work / "train",
-                           max_tokens=args.max_tokens, seed=args.seed)
+                           max_tokens=args.max_tokens, seed=args.seed, task=task)
     print(f"vectors: train negative rate {train.labels.mean():.3f} (n {len(train.labels)})", flush=True)
     directions, facts, probes = {}, {}, {}
     for layer in layers:
@@ -293,14 +320,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_prompts = sample_prompts("calibration", args.n_sweep, args.seed + 1)
     sweep = layer_sweep(model, sweep_prompts, {k: v * args.sweep_coef for k, v in directions.items()}, coef=1.0,
-                        max_tokens=args.max_tokens, seed=args.seed)
+                        max_tokens=args.max_tokens, seed=args.seed, task=task)
     layer = choose_layer(sweep, args.max_ppl_increase)
     gate_candidates = [k for k in layers if k <= layer] or [min(layers)]
     gate_layer = max(gate_candidates, key=lambda k: probes[k][2] if not math.isnan(probes[k][2]) else -1.0)
     print(f"vectors: add layer {layer}, gate layer {gate_layer}", flush=True)
 
     cal = capture_layers(model, sample_prompts("calibration", args.n_cal, args.seed), (gate_layer,),
-                         work / "calibration", max_tokens=args.max_tokens, seed=args.seed)
+                         work / "calibration", max_tokens=args.max_tokens, seed=args.seed, task=task)
     w, b, val_auc = probes[gate_layer]
     record = calibrate_gate(w, b, cal.streams[gate_layer], cal.labels, args.tau)
     print(f"vectors: gate threshold {record['gate_threshold']:.3f}; on calibration it opens on "
@@ -314,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     how = {"command": command, "model": "SmolLM2-135M-Instruct", "judge": "VADER compound < -0.05",
            "capture": {"split": "train", "n": args.n_train, "max_tokens": args.max_tokens,
                        "temperature": TEMPERATURE, "top_p": TOP_P, "seed": args.seed}}
-    save_vector(out, VECTOR_NAME, unit, {
+    if not builtin or args.model is not None:
+        how.update(model=model_record(model), judge=task.judge_spec, task=task.record())
+    save_vector(out, vector_name, unit, {
         "layer": layer, "how": "difference of means (positive - negative judged responses, per-response mean "
                                "decode-token residual stream), unit norm", **how,
         "diff_norm": f["diff_norm"], "residual_norm": f["residual_norm"],
@@ -326,13 +355,13 @@ def main(argv: list[str] | None = None) -> int:
                   "max_ppl_increase": args.max_ppl_increase},
         "layers": {str(k): {**facts[k], "probe_val_auroc": probes[k][2]} for k in layers},
     })
-    save_vector(out, PROBE_NAME, w, {
+    save_vector(out, probe_name, w, {
         "layer": gate_layer, "threshold": record["gate_threshold"], "sharpness": GATE_SHARPNESS,
         "how": "class-balanced logistic probe on decode tokens (token label: the response is negative), raw "
                "residual stream; gate threshold: split-conformal on calibration responses judged fine",
         **how, "bias": b, "probe_val_auroc": val_auc, "calibration": record,
     })
-    print(f"vectors: wrote {out / (VECTOR_NAME + '.safetensors')} and {out / (PROBE_NAME + '.safetensors')} "
+    print(f"vectors: wrote {out / (vector_name + '.safetensors')} and {out / (probe_name + '.safetensors')} "
           f"in {time.time() - t_start:.0f}s", flush=True)
     return 0
 
