@@ -89,16 +89,16 @@ def _token_ids(tokenizer: Any, prompt: str | None, response: str) -> tuple[list[
 def capture_text_means(model: str, texts: list[tuple[str | None, str]], layers: tuple[int, ...],
                        work: Path) -> dict[int, torch.Tensor]:
     """Per layer, ``[n, H]`` fp32: each text's mean residual stream over its response tokens (prefill only)."""
-    from vllm import SamplingParams, TokensPrompt
+    from vllm import SamplingParams
 
+    from value_steer.offline.capture_rows import read_layer_rows
     from value_steer.offline.engines import offline_llm
-    from value_steer.offline.vectors import read_layer_rows
 
     llm = offline_llm(model, {"steering": {}, "capture": {"dir": str(work)}}, kv_use="eval", block_size=32,
                       enable_prefix_caching=False)
     tok = llm.get_tokenizer()
     spans = [_token_ids(tok, p, r) for p, r in texts]
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in spans]
+    prompts = [{"prompt_token_ids": ids} for ids, _ in spans]  # vLLM's TokensPrompt
     sp = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"capture_layers": list(layers)})
     t0 = time.time()
     outs = llm.generate(prompts, sp, use_tqdm=False)
