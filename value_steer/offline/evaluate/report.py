@@ -267,8 +267,9 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
              f"(task {task['name']})\n")
     judge = ("- Judge: VADER compound < -0.05 is undesirable. Prompts: held-out topics (calibration "
              f"{plan['n_cal']}, test {plan['n_test']} prompts)." if task is None else
-             f"- Judge: `{task['judge']}` (task `{task['name']}`, task file `{task['task_file']}`, prompts sha256 "
-             f"{str(task.get('prompts_sha256'))[:12]}...): undesirable as it says. Prompts: the task's calibration "
+             f"- Judge: `{task['judge']}` (task `{task['name']}`, task file `{_shown_path(task['task_file'])}`, "
+             f"prompts sha256 {str(task.get('prompts_sha256'))[:12]}...): undesirable as it says. Prompts: the task's "
+             "calibration "
              f"({plan['n_cal']}) and test ({plan['n_test']}) splits.")
     md = [title,
           f"Reproduce: `{command}` ({_runtime(results)}). Every number below is printed by that command and stored "
