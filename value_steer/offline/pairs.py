@@ -18,7 +18,6 @@ asked for left zero (an op at such a layer is refused: the row has no direction)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from value_steer.offline.tasks.task_file import TaskError
+from value_steer.offline.tasks.task_file import TaskError, read_jsonl
 
 PAIR_KEYS = ("prompt", "positive", "negative")
 METHODS = ("mean", "pca")
@@ -46,24 +45,9 @@ class Pair:
 def read_pairs(path: str | Path) -> tuple[list[Pair], str]:
     """The pairs of a JSONL file and the file's sha256. Raises :class:`TaskError` naming the line and field."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise TaskError(f"pairs: {str(path)!r} cannot be read ({exc.strerror})") from None
+    lines, digest = read_jsonl(path, PAIR_KEYS, "pairs")
     pairs = []
-    for i, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{i}"
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            raise TaskError(f"{where}: not a JSON object ({exc})") from None
-        if not isinstance(rec, dict):
-            raise TaskError(f"{where}: must be a JSON object with keys {list(PAIR_KEYS)}")
-        bad = sorted(str(k) for k in rec if k not in PAIR_KEYS)
-        if bad:
-            raise TaskError(f"{where}: unknown key(s) {bad}; allowed: {list(PAIR_KEYS)}")
+    for where, rec in lines:
         for key in ("positive", "negative"):
             if not isinstance(rec.get(key), str) or not rec[key].strip():
                 raise TaskError(f"{where}: {key} is required (a non-empty string)")
@@ -73,7 +57,7 @@ def read_pairs(path: str | Path) -> tuple[list[Pair], str]:
         pairs.append(Pair(prompt or None, rec["positive"], rec["negative"]))
     if not pairs:
         raise TaskError(f"pairs: {str(path)!r} holds no pairs")
-    return pairs, hashlib.sha256(raw).hexdigest()
+    return pairs, digest
 
 
 def _token_ids(tokenizer: Any, prompt: str | None, response: str) -> tuple[list[int], int]:

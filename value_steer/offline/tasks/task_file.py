@@ -200,14 +200,14 @@ def _only_keys(obj: Any, allowed: Sequence[str], where: str) -> None:
         raise TaskError(f"{where}: unknown key(s) {bad}; allowed: {list(allowed)}")
 
 
-def _read_prompts(path: Path, chat: bool, system: str | None,
-                  labelled: bool) -> tuple[dict[str, tuple[TaskPrompt, ...]], str]:
+def read_jsonl(path: Path, allowed: Sequence[str], what: str) -> tuple[list[tuple[str, dict[str, Any]]], str]:
+    """The lines of a JSONL file of JSON objects holding only ``allowed`` keys, each with its ``file:line`` (blank
+    lines skipped), and the file's sha256. Raises :class:`TaskError` naming ``what`` or the line."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise TaskError(f"task.prompts: {str(path)!r} cannot be read ({exc.strerror})") from None
-    by_split: dict[str, list[TaskPrompt]] = {s: [] for s in SPLITS}
-    seen: set[str] = set()
+        raise TaskError(f"{what}: {str(path)!r} cannot be read ({exc.strerror})") from None
+    out = []
     for i, line in enumerate(raw.decode("utf-8", errors="strict").splitlines(), 1):
         if not line.strip():
             continue
@@ -216,7 +216,17 @@ def _read_prompts(path: Path, chat: bool, system: str | None,
             rec = json.loads(line)
         except (ValueError, RecursionError) as exc:
             raise TaskError(f"{where}: not a JSON object ({exc})") from None
-        _only_keys(rec, LINE_KEYS, where)
+        _only_keys(rec, allowed, where)
+        out.append((where, rec))
+    return out, hashlib.sha256(raw).hexdigest()
+
+
+def _read_prompts(path: Path, chat: bool, system: str | None,
+                  labelled: bool) -> tuple[dict[str, tuple[TaskPrompt, ...]], str]:
+    lines, digest = read_jsonl(path, LINE_KEYS, "task.prompts")
+    by_split: dict[str, list[TaskPrompt]] = {s: [] for s in SPLITS}
+    seen: set[str] = set()
+    for where, rec in lines:
         text = rec.get("prompt")
         if not isinstance(text, str) or not text.strip():
             raise TaskError(f"{where}: prompt must be a non-empty string")
@@ -245,7 +255,7 @@ def _read_prompts(path: Path, chat: bool, system: str | None,
         by_split[split].append(TaskPrompt(pid, text, split, messages, response, label))
     if not seen:
         raise TaskError(f"task.prompts: {str(path)!r} holds no prompts")
-    return {s: tuple(sorted(v, key=lambda p: p.id)) for s, v in by_split.items()}, hashlib.sha256(raw).hexdigest()
+    return {s: tuple(sorted(v, key=lambda p: p.id)) for s, v in by_split.items()}, digest
 
 
 def load_task(path: str | Path | None) -> UserTask | BuiltinSentimentTask:
