@@ -112,11 +112,6 @@ def residual_norms() -> tuple[float, ...] | None:
 # ---- the name -> content-hash mirror --------------------------------------------------------------------------
 
 
-def hash_vector_dir(path: str, hidden_size: int, num_layers: int, max_vectors: int) -> dict[str, str]:
-    """``{name: content hash}`` of a ``steering.vectors`` directory, exactly as the worker's bank loads it."""
-    return {name: h for name, (h, _norms) in vector_dir_facts(path, hidden_size, num_layers, max_vectors).items()}
-
-
 def vector_dir_facts(path: str, hidden_size: int, num_layers: int,
                      max_vectors: int) -> dict[str, tuple[str, tuple[float, ...]]]:
     """``{name: (content hash, per-row norms)}`` of a ``steering.vectors`` directory, as the worker's bank loads it.

@@ -22,10 +22,10 @@ from value_steer.patches.vllm_0_32.frontend import (
     FINGERPRINT_KEY,
     SALT_PREFIX,
     FrontendVectorNames,
-    hash_vector_dir,
     salt_request,
     spec_fingerprint,
     steered_cache_salt,
+    vector_dir_facts,
 )
 from value_steer.patches.vllm_0_32.worker import REQUEST_VALIDATOR
 from value_steer.runtime.activation import VectorBank
@@ -72,7 +72,7 @@ def _worker_bank(vector_dir) -> VectorBank:
 
 def test_mirror_hashes_equal_the_worker_bank(vector_dir):
     bank = _worker_bank(vector_dir)
-    hashes = hash_vector_dir(str(vector_dir), H, L, max_vectors=64)
+    hashes = {n: h for n, (h, _) in vector_dir_facts(str(vector_dir), H, L, max_vectors=64).items()}
     assert hashes == {"calm": bank.lookup("calm").content_hash, "layers": bank.lookup("layers").content_hash}
     assert hashes["calm"] == vector_content_hash(_vec(0))  # an [H] entry: its fp32 bytes' sha256
 

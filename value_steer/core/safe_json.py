@@ -72,22 +72,6 @@ def loads_bounded(data: str | bytes, field: str, max_depth: int = MAX_JSON_DEPTH
         raise RequestArgError(f"{field}: not valid JSON ({exc})") from None
 
 
-def nesting_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
-    """How deeply ``value`` (parsed JSON: dicts, lists, scalars) nests, counted iteratively up to
-    ``limit + 1`` (deeper values are not walked further)."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list, tuple)):
-            d += 1
-            deepest = max(deepest, d)
-            if d > limit:
-                return deepest
-            stack.extend((c, d) for c in (v.values() if isinstance(v, dict) else v))
-    return deepest
-
-
 def is_number(x: Any) -> bool:
     """A JSON number (bools are not numbers here)."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
