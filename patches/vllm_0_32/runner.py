@@ -69,6 +69,7 @@ class SteeringRunnerMixin:
     _vs_step: dict[str, Any] | None = None
     # Batch rows whose capture a runner mixin writes itself this step (VFD: the winner, not the row).
     _vs_capture_elsewhere: np.ndarray | None = None
+    _vs_prompt_capture: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     _vs_warned_logprobs_mode = False
     _vs_act_staged = False  # this step's per-token steering rows are staged, not yet published
     # This step's logits are logit-steered already: a mixin in front (VFD) steers them itself, at its own points.
@@ -153,7 +154,38 @@ class SteeringRunnerMixin:
             n = ib.num_reqs
             st.activation.stage_tokens(st.slot_act_row[:n], num_scheduled_tokens[:n],
                                        ib.num_computed_tokens_cpu[:n], ib.num_prompt_tokens[:n])
+        self._vs_prompt_capture = None
+        if st is not None and self._vs_capture is not None and st.any_prompt_capture:
+            self._vs_prompt_capture = self._vs_prompt_capture_tokens(num_scheduled_tokens)
         return out
+
+    def _vs_prompt_capture_tokens(self, num_scheduled_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                   np.ndarray] | None:
+        """``(token index [m], batch index [m], position [m])`` of this step's prompt tokens at positions >= their
+        request's ``capture_prompt_from`` (labelled-response replay), from the scheduled token counts of the batch
+        as updated (vLLM's token order: requests in batch order, each its scheduled span). Offline capture only."""
+        st = self._vs_state
+        ib = self.input_batch  # type: ignore[attr-defined]
+        n = ib.num_reqs
+        sched = np.asarray(num_scheduled_tokens[:n], dtype=np.int64)
+        req = np.repeat(np.arange(n), sched)
+        tok = np.arange(req.shape[0])
+        starts = np.cumsum(sched) - sched
+        pos = ib.num_computed_tokens_cpu[:n].astype(np.int64)[req] + tok - starts[req]
+        start = st.slot_capture_from[:n][req]
+        keep = (start >= 0) & (pos >= start) & (pos < ib.num_prompt_tokens[:n].astype(np.int64)[req])
+        if not keep.any():
+            return None
+        return tok[keep], req[keep], pos[keep]
+
+    def _vs_capture_prompt_rows(self, hidden: torch.Tensor) -> None:
+        """Write the staged prompt rows (:meth:`_vs_prompt_capture_tokens`) of this step's final hidden states
+        ``hidden`` ``[num_tokens, H]`` (the value head's input: the model's output after its final norm)."""
+        tok, req, pos = self._vs_prompt_capture
+        self._vs_prompt_capture = None
+        ib = self.input_batch  # type: ignore[attr-defined]
+        idx = torch.from_numpy(tok).to(hidden.device)
+        self._vs_capture.add([ib.req_ids[int(b)] for b in req], pos.tolist(), hidden.index_select(0, idx))
 
     def _preprocess(self, scheduler_output: Any, num_input_tokens: int, *args: Any, **kwargs: Any) -> Any:
         if self._vs_act_staged:
@@ -178,6 +210,8 @@ class SteeringRunnerMixin:
             self._vs_capture_layers()
             act.end_forward()
         state = getattr(self, "execute_model_state", None)
+        if self._vs_prompt_capture is not None and state is not None:
+            self._vs_capture_prompt_rows(state.hidden_states)
         self._vs_step = None
         self._vs_logits_steered = False
         if self._vs_state is not None and state is not None and state.sample_hidden_states is not None:

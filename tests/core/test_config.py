@@ -116,7 +116,8 @@ def test_misspelled_request_key_is_refused_naming_our_keys(key, near, head_file)
         parse_request_args({key: 0.3}, _cfg(head_file), 0.5)
     msg = str(err.value)
     assert repr(key) in msg and f"did you mean {near!r}" in msg
-    assert "['value_steer', 'threshold', 'num_candidates', 'value_steer_capture', 'capture_layers']" in msg
+    assert ("['value_steer', 'threshold', 'num_candidates', 'value_steer_capture', 'capture_layers', "
+            "'capture_prompt_from']") in msg
 
 
 def test_foreign_request_keys_are_left_alone(head_file):
@@ -249,6 +250,27 @@ def test_capture_layers_refused(raw, value, match):
     with pytest.raises(RequestArgError, match=match):
         parse_request_args({"capture_layers": value}, parse_additional_config(raw, check_files=False), 0.5,
                            num_layers=8)
+
+
+@pytest.mark.parametrize(("value", "want"), [(0, 0), (17, 17), ("17", 17), (5.0, 5)])
+def test_capture_prompt_from_forms(value, want):
+    got = parse_request_args({"capture_prompt_from": value}, parse_additional_config({"capture": {"dir": "/x"}}), 0.5)
+    assert (got.capture_prompt_from, got.capture) == (want, True)  # it asks for capture too
+    assert parse_request_args({}, parse_additional_config({"capture": {"dir": "/x"}}), 0.5).capture_prompt_from == -1
+
+
+@pytest.mark.parametrize(("raw", "value", "match"), [
+    ({"capture": {"dir": "/x"}}, -1, r"capture_prompt_from must be a prompt position \(an integer >= 0\), got -1"),
+    ({"capture": {"dir": "/x"}}, 2.5, "capture_prompt_from must be"),
+    ({"capture": {"dir": "/x"}}, True, "capture_prompt_from must be"),
+    ({"capture": {"dir": "/x"}}, "ten", "capture_prompt_from must be"),
+    ({"capture": {"dir": "/x"}}, "1e400", "capture_prompt_from must be"),
+    ({"capture": {"dir": "/x"}}, [3], "capture_prompt_from must be"),
+    ({"steering": {}}, 3, "capture_prompt_from: the server has no 'capture' section"),
+])
+def test_capture_prompt_from_refused(raw, value, match):
+    with pytest.raises(RequestArgError, match=match):
+        parse_request_args({"capture_prompt_from": value}, parse_additional_config(raw, check_files=False), 0.5)
 
 
 # ---------------------------------------------------------------- logit steering

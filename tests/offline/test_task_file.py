@@ -157,6 +157,32 @@ def test_pipeline_makes_a_head_for_a_users_task_and_model(tmp_path, tiny_model_d
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_pipeline_trains_a_head_on_labelled_responses(tmp_path, tiny_model_dir, monkeypatch):
+    """A ``labels`` task: ``value-steer pipeline`` replays the given responses (prefill only) and trains on their
+    labels. The planted concept (a word in the undesirable responses) is what the head learns to score."""
+    pytest.importorskip("vllm")
+    from value_steer.core.checkpoint import load_value_head
+    from value_steer.offline.cli import main
+
+    monkeypatch.setenv("VALUE_STEER_DATA_DIR", str(tmp_path / "data"))
+    lines = [{"prompt": p, "response": f"It costs {i} banana coins." if i % 2 else f"It is item {i} of ours.",
+              "label": i % 2} for i, p in enumerate(PROMPTS)]
+    path = _write(tmp_path / "task", {"name": "labelled", "prompts": "prompts.jsonl", "judge": "labels"}, lines)
+    head = tmp_path / "head.safetensors"
+    assert main(["pipeline", "--task", str(path), "--model", str(tiny_model_dir), "--n-train", "60", "--n-cal", "36",
+                 "--epochs", "8", "--out", str(head)]) == 0
+    ckpt = load_value_head(str(head))
+    assert ckpt.meta["task"]["name"] == "labelled" and ckpt.meta["task"]["judge"] == "labels"
+    assert "replayed" in ckpt.meta["capture"] and ckpt.threshold is not None
+    assert ckpt.calibration["auroc_last"] > 0.95  # the labels, not noise, trained it (banana: the 4th token on)
+    train = tmp_path / "data" / "pipeline" / f"labelled-{Path(tiny_model_dir).name}-capture-60-36-64-0" / "train"
+    texts = json.loads((train / "texts.json").read_text())
+    labels = json.loads((train / "labels.json").read_text())
+    assert len(texts) == 60 and all(("banana" in texts[k]) == bool(v) for k, v in labels.items())
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_train_logit_takes_a_task(tmp_path, tiny_model_dir):
     """``value-steer train-logit --task T --model DIR``: the task's prompts (raw completions here) and judge make the
     pairs; the generator's sidecar names the task."""

@@ -75,7 +75,8 @@ MIN_BODY_BYTES = 1 << 10
 # How VFD forwards its candidates: "eager" (all K in the main forward), "two_phase" (natural sample first,
 # alternatives only for unsafe rows, in a second forward), "auto" (a per-step cost model chooses).
 VFD_SCHEDULES = ("auto", "eager", "two_phase")
-REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture", "capture_layers")
+REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture", "capture_layers",
+                "capture_prompt_from")
 # The activation-steering spec's key. Kept out of REQUEST_KEYS (the value-head switches, listed in messages as
 # they are) but known to every check on our keys: ALL_REQUEST_KEYS.
 STEERING_KEY = "steering"
@@ -358,6 +359,9 @@ class RequestSteer:
     steering: SteeringSpec | None = None
     capture_layers: tuple[int, ...] = ()  # residual-stream capture at these decoder layers (sorted, distinct)
     logit_strength: float = 0.0  # the logit-steering multiplier (0: off)
+    # Capture the value head's input at prompt positions >= this too (-1: decode tokens only): the replay of a
+    # given response as part of the prompt (prefill only), so labelled responses make features like samples do.
+    capture_prompt_from: int = -1
 
 
 _TRUE = {"on", "true", "1", "yes"}
@@ -496,6 +500,10 @@ def parse_request_args(
         capture = _parse_switch(args["value_steer_capture"], "value_steer_capture")
         if capture and cfg.capture is None:
             raise RequestArgError("value_steer_capture=true, but the server has no 'capture' section")
+    capture_prompt_from = -1
+    if args.get("capture_prompt_from") is not None:
+        capture_prompt_from = _parse_prompt_from(args["capture_prompt_from"], cfg)
+        capture = True
     capture_layers = _parse_capture_layers(args.get("capture_layers"), cfg, num_layers)
     if capture_layers and on and cfg.mode == MODE_VFD:
         raise RequestArgError("capture_layers: not supported on a vfd request (its forwards hold rejected candidates); "
@@ -541,7 +549,26 @@ def parse_request_args(
         steering=spec,
         capture_layers=capture_layers,
         logit_strength=logit_strength,
+        capture_prompt_from=capture_prompt_from,
     )
+
+
+def _parse_prompt_from(value: Any, cfg: SteerConfig) -> int:
+    """``capture_prompt_from``: a prompt position (int >= 0; ``vllm_xargs`` may send it as a string) from which the
+    request's prefill rows are captured too. Needs the server's ``capture`` section."""
+    field = "capture_prompt_from"
+    bad = f"{field} must be a prompt position (an integer >= 0), got {short_repr(value)}"
+    if isinstance(value, bool):
+        raise RequestArgError(bad)
+    try:
+        v = _coerce_number(value, field)
+    except RequestArgError:
+        raise RequestArgError(bad) from None
+    if v != int(v) or v < 0:
+        raise RequestArgError(bad)
+    if cfg.capture is None:
+        raise RequestArgError(f"{field}: the server has no 'capture' section in --additional-config")
+    return int(v)
 
 
 def parse_logit_strength(value: Any) -> float:

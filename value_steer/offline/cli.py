@@ -5,6 +5,7 @@ Subcommands:
   serve            ``vllm serve`` on 127.0.0.1 with ValueSteerWorker and the committed head (VFD on), the
                    model served under its folder's name (SmolLM2-135M-Instruct)
   capture          decode-matched capture of a prompt split through vLLM, labelled by the task's judge
+                   (a 'labels' task: its given responses replayed through the serving path, prefill only)
   train            train a value head on a labelled capture (focal + TD; validation AUROC per epoch)
   calibrate        split-conformal threshold from a labelled calibration capture, into the head's sidecar
   eval             base vs VFD vs abstention on held-out prompts -> docs/evaluation.md + plots
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "value-steer pipeline --help)", add_help=False)
     p.set_defaults(func=cmd_pipeline)
 
-    c = sub.add_parser("capture", help="decode-matched capture of a prompt split, labelled by the task's judge")
+    c = sub.add_parser("capture", help="decode-matched capture of a prompt split, labelled by the task's judge (a "
+                       "'labels' task: its responses replayed, prefill only, with their labels)")
     c.add_argument("--task", default=None, help="a task file (default: the built-in sentiment task)")
     c.add_argument("--split", choices=["train", "calibration", "test"], required=True)
     c.add_argument("--n", type=int, required=True, help="prompts (a deterministic subset of the split)")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from value_steer.offline.assets import TEMPERATURE, TOP_P, default_head_path
+from value_steer.offline.tasks.task_file import TaskError
 
 
 def capture(model: str, prompts: list, out_dir: Path, *, max_tokens: int, temperature: float = TEMPERATURE,
@@ -46,14 +47,55 @@ def capture(model: str, prompts: list, out_dir: Path, *, max_tokens: int, temper
     return texts
 
 
-def label_capture(out_dir: Path, texts: dict[str, str], task: Any = None) -> dict[int, int]:
-    """Judge each captured response with the task's judge (default: the built-in task's, VADER) and write
-    ``labels.json`` and ``texts.json`` beside the shards."""
+def replay_capture(model: str, prompts: list, out_dir: Path, *, seed: int = 0) -> dict[str, str]:
+    """A ``labels`` task's capture: each prompt's given response is appended to the prompt (as a chat request
+    renders it, or raw) and prefilled once with ``capture_prompt_from`` at the response's first token, so the
+    capture holds the value head's input after each response token, as sampling would have. Returns ``{request_id:
+    response}``."""
+    from vllm import SamplingParams
+
+    from value_steer.offline.engines import offline_llm
+
+    llm = offline_llm(model, {"capture": {"dir": str(out_dir)}}, kv_use="eval", max_num_seqs=64, seed=seed,
+                      enable_prefix_caching=False)  # every response token is computed, never served from cache
+    tok = llm.get_tokenizer()
+    limit = llm.llm_engine.model_config.max_model_len
+    inputs, params = [], []
+    for p in prompts:
+        if p.messages is None:
+            head = tok.encode(p.text, add_special_tokens=True)
+        else:
+            # As vLLM's chat renders it: the template's text, tokenised without adding special tokens (the
+            # template writes its own).
+            text = tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
+            head = tok.encode(text, add_special_tokens=False)
+        body = tok.encode(p.response, add_special_tokens=False)
+        if not body:
+            raise TaskError(f"task prompt {p.id}: its response tokenises to nothing: {p.response!r}")
+        if len(head) + len(body) >= limit:
+            raise TaskError(f"task prompt {p.id}: prompt + response is {len(head) + len(body)} tokens; the model "
+                            f"holds {limit}")
+        inputs.append({"prompt_token_ids": head + body})  # vLLM's TokensPrompt
+        params.append(SamplingParams(max_tokens=1, temperature=0.0,
+                                     extra_args={"capture_prompt_from": len(head)}))
+    t0 = time.time()
+    outs = llm.generate(inputs, params, use_tqdm=True)
+    n_tok = sum(len(i["prompt_token_ids"]) for i in inputs)
+    print(f"capture: replayed {len(outs)} labelled responses ({n_tok} tokens, prefill only) in "
+          f"{time.time() - t0:.0f}s", flush=True)
+    llm.collective_rpc("value_steer_flush_capture")
+    del llm
+    return {o.request_id: p.response for o, p in zip(outs, prompts)}
+
+
+def label_capture(out_dir: Path, texts: dict[str, str], task: Any = None,
+                  given: dict[str, int] | None = None) -> dict[int, int]:
+    """Label each captured response and write ``labels.json`` and ``texts.json`` beside the shards: ``given``
+    labels by request id (a ``labels`` task's), else the task's judge (default: the built-in task's, VADER)."""
     from value_steer.core.features import read_capture_index, write_labels
     from value_steer.offline.tasks.task_file import load_task
     from value_steer.patches import get_adapter
 
-    judge_negative = (task if task is not None else load_task(None)).judge_negative
     # The worker sees the engine's internal request ids; the adapter maps them to the client's.
     seq_of = read_capture_index(out_dir, get_adapter().client_request_id)
     ids = [r for r in texts if r in seq_of]
@@ -61,7 +103,10 @@ def label_capture(out_dir: Path, texts: dict[str, str], task: Any = None) -> dic
         raise RuntimeError(f"capture index in {out_dir} matches {len(ids)} of {len(texts)} requests")
     with open(out_dir / "texts.json", "w", encoding="utf-8") as f:
         json.dump({str(seq_of[r]): texts[r] for r in ids}, f)
-    neg = judge_negative([texts[r] for r in ids])
+    if given is not None:
+        neg = [given[r] for r in ids]
+    else:
+        neg = (task if task is not None else load_task(None)).judge_negative([texts[r] for r in ids])
     labels = {seq_of[r]: int(n) for r, n in zip(ids, neg)}
     write_labels(out_dir, labels)
     print(f"labels: {len(labels)} sequences, negative rate {np.mean(list(labels.values())):.3f}", flush=True)
@@ -71,21 +116,26 @@ def label_capture(out_dir: Path, texts: dict[str, str], task: Any = None) -> dic
 def capture_split(model: str, split: str, n: int, out_dir: Path, *, max_tokens: int, seed: int = 0,
                   task: Any = None) -> Path:
     """Capture + label ``n`` prompts of a task's split into ``out_dir`` (skipped when already labelled). ``task``:
-    a :func:`~value_steer.offline.tasks.task_file.load_task` task (default: the built-in sentiment task)."""
-    from value_steer.offline.tasks.task_file import TaskError, load_task
+    a :func:`~value_steer.offline.tasks.task_file.load_task` task (default: the built-in sentiment task). A
+    ``labels`` task's responses are replayed (:func:`replay_capture`) and keep their labels; ``max_tokens`` is
+    then unused."""
+    from value_steer.offline.tasks.task_file import load_task
 
     task = task if task is not None else load_task(None)
-    if task.labelled:
-        raise TaskError(f"task {task.name!r}: its judge is 'labels'; capturing labelled responses (replayed through "
-                        "the serving path) is not supported by this version of value-steer pipeline")
     if (out_dir / "labels.json").exists():
         print(f"capture: {out_dir} already labelled, reusing it", flush=True)
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RuntimeError(f"{out_dir} holds an unfinished capture (no labels.json); remove it and run again")
     out_dir.mkdir(parents=True, exist_ok=True)
-    texts = capture(model, task.sample_prompts(split, n, seed), out_dir, max_tokens=max_tokens, seed=seed)
-    label_capture(out_dir, texts, task)
+    prompts = task.sample_prompts(split, n, seed)
+    if task.labelled:
+        texts = replay_capture(model, prompts, out_dir, seed=seed)
+        given = {rid: p.label for rid, p in zip(texts, prompts)}
+        label_capture(out_dir, texts, task, given)
+    else:
+        texts = capture(model, prompts, out_dir, max_tokens=max_tokens, seed=seed)
+        label_capture(out_dir, texts, task)
     return out_dir
 
 
@@ -209,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if not builtin or args.model is not None:
         meta["task"] = task.record()
         meta["model"] = model_record(model)
+    if task.labelled:
+        meta["capture"] = {"replayed": "the task's labelled responses, prefilled after their prompts"}
     train(train_dir, args.out, epochs=args.epochs, seed=args.seed, meta=meta)
     calibrate(args.out, cal_dir, tau=args.tau)
     print(f"wrote {args.out}")

@@ -105,10 +105,13 @@ class SteeringState:
         self.slot_row = np.zeros(slots, dtype=np.int32)
         self.slot_min_tokens = np.zeros(slots, dtype=np.int64)
         self.slot_capture = np.zeros(slots, dtype=bool)
+        # Prompt position from which a request's prefill rows are captured too (-1: none; labelled-response replay).
+        self.slot_capture_from = np.full(slots, -1, dtype=np.int64)
         self.slot_logprobs = np.zeros(slots, dtype=bool)
         self.slot_eos = HostDeviceBuffer(slots, torch.int64, self.device)
         self._slot_req_ids: list[str | None] = []
         self.any_capture = False
+        self.any_prompt_capture = False
         # The per-step row index (host mirror + device buffer).
         self.step_rows = HostDeviceBuffer(slots, torch.int32, self.device)
         # Activation steering (docs/activation-steering.md): its own rows, so a request may have it with or
@@ -349,6 +352,7 @@ class SteeringState:
         self.slot_row[:n] = [s.row if s is not None else 0 for s in states]
         self.slot_min_tokens[:n] = [s.min_tokens if s is not None else 0 for s in states]
         self.slot_capture[:n] = [bool(s is not None and s.steer.capture) for s in states]
+        self.slot_capture_from[:n] = [s.steer.capture_prompt_from if s is not None else -1 for s in states]
         self.slot_eos.np[:n] = [(s.eos_token_id or 0) if s is not None and s.row else 0 for s in states]
         self.slot_logprobs[:n] = [bool(s is not None and s.wants_logprobs) for s in states]
         self.slot_act_row[:n] = [s.act_row if s is not None else 0 for s in states]
@@ -357,6 +361,7 @@ class SteeringState:
             self.logit.update_batch(self.slot_logit_row[:n])
         self.slot_eos.copy_to_device(n)
         self.any_capture = bool(self.slot_capture[:n].any())
+        self.any_prompt_capture = bool((self.slot_capture_from[:n] >= 0).any())
         return True
 
     def upload_step_rows(self, rows: np.ndarray) -> torch.Tensor:
