@@ -89,3 +89,48 @@ def test_gate_values_match_the_spec_formula():
     p = torch.tensor([2.0, 1.0])
     g = gate_values(h, p, threshold=2.0, sharpness=3.0)
     torch.testing.assert_close(g, torch.sigmoid(3.0 * (torch.tensor([2.0, 2.0, 3.0]) - 2.0)))
+
+def _write_pairs_vector(directory, name="no-prices", layers=(3, 5)):
+    """A sidecar as ``value-steer vectors --pairs`` writes it (no probe, no cap floor)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"name": name, "made_by": "value-steer vectors --pairs (method mean)", "pairs": {"n": 24},
+            "layers": list(layers), "norms": {str(x): 20.0 for x in layers},
+            "suggested_add_scales": {str(x): [1.0, 2.0, 4.0] for x in layers}}
+    (directory / f"{name}.safetensors").write_bytes(b"stand-in")
+    (directory / f"{name}.safetensors.meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+def test_a_task_vector_from_pairs_makes_add_and_ablate_rows(tmp_path):
+    """A user's vector by name: a pairs vector has no probe and no cap floor, so its rows are the adds (scales of
+    the vector as written) and ablate, at its first layer unless another is chosen."""
+    d = _write_pairs_vector(tmp_path / "v")
+    v = load_vectors(d, "no-prices")
+    assert (v.name, v.layer, v.scales, v.cap_min, v.probe, v.unit) == ("no-prices", 3, (1.0, 2.0, 4.0), None, None,
+                                                                       False)
+    rows = activation_conditions(v)
+    assert [r.name for r in rows] == ["add s=1", "add s=2", "add s=4", "ablate"]
+    spec = parse_steering_spec(rows[2].steering, hidden_size=None, num_layers=30, max_ops=8, max_inline_floats=0,
+                               resolve=lambda n: n == "no-prices")
+    assert (spec.ops[0].layer, spec.ops[0].vector, spec.ops[0].scale) == (3, "no-prices", 4.0)
+    assert load_vectors(d, "no-prices", 5).layer == 5
+    with pytest.raises(ValueError, match=r"--vector-layer 4: vector 'no-prices' has rows for layers \[3, 5\] only"):
+        load_vectors(d, "no-prices", 4)
+    with pytest.raises(ValueError, match="has no probe"):
+        gated_add(v)
+    with pytest.raises(FileNotFoundError, match=r"other\.safetensors"):
+        load_vectors(d, "other")
+
+
+def test_a_task_vector_with_its_probe_is_read_by_name(tmp_path):
+    """``value-steer vectors --task T`` names the pair after the task: ``<task>`` and ``<task>_probe``."""
+    d = tmp_path / "v"
+    d.mkdir()
+    for name, meta in (("prices", {"layer": 4, "residual_norm": 9.0, "scales": [1.0], "cap": {"min": 0.5}}),
+                       ("prices_probe", {"layer": 2, "threshold": 0.1, "sharpness": 3.0})):
+        (d / f"{name}.safetensors").write_bytes(b"stand-in")
+        (d / f"{name}.safetensors.meta.json").write_text(json.dumps(meta))
+    v = load_vectors(d, "prices")
+    assert (v.probe, v.probe_layer, v.unit) == ("prices_probe", 2, True)
+    assert [r.name for r in activation_conditions(v)] == ["add s=1", "cap min=0.5", "ablate", "gated add s=1"]
+    assert gated_add(v).to_dict()["gate"]["probe"] == "prices_probe"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from value_steer.offline.tasks.task_file import TaskError, hash_split, load_task
 
@@ -143,16 +144,26 @@ def test_pipeline_makes_a_head_for_a_users_task_and_model(tmp_path, tiny_model_d
     assert stats["num_scored"] > 0 and np.isfinite(stats["last_value"])
     assert main(["pipeline", "--task", str(tmp_path / "nope.json"), "--model", str(tiny_model_dir)]) == 2
 
-    # value-steer eval --quick --task: the report is titled by the task and shows its judge.
+    # value-steer eval --quick --task: the report is titled by the task and shows its judge; its activation rows
+    # steer with the task's vector (by the task's name; a pairs vector: adds and ablate).
+    from value_steer.offline.pairs import write_vector
+
+    vec_dir = tmp_path / "vectors"
+    write_vector(vec_dir, "parity", {1: torch.randn(64, generator=torch.Generator().manual_seed(0))}, 2,
+                 {"made_by": "value-steer vectors --pairs (method mean)", "pairs": {"n": 3}})
     out = tmp_path / "report" / "evaluation-parity.md"
     assert main(["eval", "--quick", "--task", str(path), "--model", str(tiny_model_dir), "--head", str(head),
-                 "--no-activation", "--no-logit", "--n-cal", "8", "--n-test", "8", "--max-tokens", "6", "--ks", "2",
-                 "--thresholds", "0.5", "0.9", "--out", str(out)]) == 0
+                 "--vectors", str(vec_dir), "--no-logit", "--n-cal", "8", "--n-test", "8", "--max-tokens", "6",
+                 "--ks", "2", "--thresholds", "0.5", "0.9", "--out", str(out)]) == 0
     md = out.read_text()
     assert md.startswith(f"# Evaluation: value steering of {Path(tiny_model_dir).name} (task parity)")
     assert "- Judge: `parity_judge:judge` (task `parity`" in md
+    assert "- Activation steering: vector `parity` from " in md and "at layer 1, made by value-steer vectors" in md
     results = json.loads(out.with_suffix(".json").read_text())
-    assert results["task"]["name"] == "parity" and {c["mode"] for c in results["conditions"]} >= {"base", "vfd"}
+    assert results["task"]["name"] == "parity"
+    names = {c["name"] for c in results["conditions"]}
+    assert {"base", "add s=1", "add s=8", "ablate"} <= names and not any("gated" in n or "cap" in n for n in names)
+    assert results["vectors"]["worker_residual_norm"] > 0
 
 
 @pytest.mark.vllm

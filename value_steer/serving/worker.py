@@ -83,11 +83,13 @@ class ValueSteerWorker(_WorkerBase):  # type: ignore[misc,valid-type]
         out = super().compile_or_warm_up_model()
         state: SteeringState = self.model_runner._vs_state
         steering = self.value_steer_config.steering
-        if state.activation is not None and steering is not None and steering.max_relative_dose is not None:
+        if state.activation is not None and steering is not None:
             # After warm-up: the KV cache exists, and the measurement's eager forward leaves compiled graphs alone.
+            # Measured with the dose guard off too: the registry reports it (what a dose is relative to).
             state.residual_norms = _adapter.measure_residual_norms(self.model_runner)
-            logger.info("value_steer: typical residual norm per layer (steering.max_relative_dose = %g of it): %s",
-                        steering.max_relative_dose, ", ".join(f"{x:.3g}" for x in state.residual_norms))
+            guard = ("off" if steering.max_relative_dose is None else f"{steering.max_relative_dose:g} of it")
+            logger.info("value_steer: typical residual norm per layer (steering.max_relative_dose: %s): %s",
+                        guard, ", ".join(f"{x:.3g}" for x in state.residual_norms))
         return out
 
     # ---- RPC surface (collective_rpc from the API process / offline LLM) ------------------------------

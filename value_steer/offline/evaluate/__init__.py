@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thresholds", type=float, nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--vectors", default=None, metavar="DIR",
-                    help="steering vectors (sentiment, sentiment_probe + sidecars; default: the committed ones)")
+                    help="steering vectors folder (default: the committed sentiment ones; with --task, the folder "
+                    "`value-steer vectors` wrote)")
+    ap.add_argument("--vector", default=None, metavar="NAME",
+                    help="the activation rows' vector in --vectors (default: the task's name; its probe "
+                    "NAME_probe, when there is one, makes the gated rows)")
+    ap.add_argument("--vector-layer", type=int, default=None, metavar="L",
+                    help="which layer of a per-layer vector the rows steer (default: its first)")
     ap.add_argument("--no-activation", action="store_true", help="skip the activation-steering rows")
     ap.add_argument("--gated-scale", type=float, default=None,
                     help="the gated add's scale (default: the largest suggested scale of the vector's sidecar)")
@@ -119,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(head):
             ap.error(f"--head: value head not found: {head}")
         vectors = args.vectors or str(default_vectors_dir())
+        vector = args.vector or (task.name if task is not None else None)
         if plan.activation:
             try:
-                load_vectors(vectors)
+                load_vectors(vectors, *((vector,) if vector else ()), args.vector_layer)
             except (OSError, ValueError) as exc:
                 ap.error(f"--vectors: {exc}")
         logit = args.logit_checkpoint or str(default_logit_checkpoint())
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--logit-checkpoint: not found: {logit} (value-steer train-logit makes one; or --no-logit)")
         results = run(plan, model, head, vectors if plan.activation else None,
                       logit_checkpoint=logit if plan.logit_strengths else None, log=lambda s: print(s, flush=True),
-                      task=task)
+                      task=task, vector=vector, vector_layer=args.vector_layer)
         results["command"] = command.strip()
     text = write_report(results, Path(args.out), results["command"])
     print(text)

@@ -13,6 +13,7 @@ from typing import Any
 from value_steer.offline.assets import TEMPERATURE, TOP_P
 from value_steer.offline.evaluate.plan import MAX_NUM_SEQS
 from value_steer.offline.evaluate.plots import plot
+from value_steer.offline.evaluate.steering import PROBE, VECTOR
 
 # The issue's target for VFD on test: at least this relative cut at no more than this perplexity increase.
 TARGET_RELATIVE_CUT = 0.5
@@ -222,15 +223,33 @@ def _shown_path(path: str) -> str:
         return path
 
 
+def _pairs_vector_line(v: dict[str, Any], name: str) -> str:
+    """The activation-steering line of a vector made from contrastive pairs (no probe, no cap floor)."""
+    meta = v["meta"][name]
+    norm = meta["norms"][str(v["layer"])]
+    r = v.get("worker_residual_norm")
+    rel = (f"; the layer's typical residual norm, as the worker measured it, is {r:.1f}, so scale c adds "
+           f"{norm / r:.2f}c of it" if r else "")
+    return (f"- Activation steering: vector `{name}` from `{_shown_path(v['dir'])}` at layer {v['layer']}, made by "
+            f"{meta.get('made_by', 'value-steer vectors --pairs')} from {meta.get('pairs', {}).get('n', '?')} pairs "
+            f"(|d| {norm:.3g} as written{rel}). Add scales multiply the vector as written: "
+            f"{', '.join(f'{s:g}' for s in v['scales'])}. Ungated ops edit every token (prompt and decode); ablate "
+            "removes the whole component along the direction. A pairs vector has no cap floor and no gate probe "
+            "(`value-steer vectors --task` measures both on judged samples), so the cap and gated rows are not run.")
+
+
 def _vectors_lines(results: dict[str, Any]) -> list[str]:
     v = results.get("vectors")
     if not v:
         return []
-    lines = [f"- Activation steering: vectors from `{_shown_path(v['dir'])}`: `sentiment` at layer {v['layer']} "
+    name, probe = v.get("name", VECTOR), v.get("probe", PROBE)
+    if not v.get("unit", True):
+        return [_pairs_vector_line(v, name)]
+    lines = [f"- Activation steering: vectors from `{_shown_path(v['dir'])}`: `{name}` at layer {v['layer']} "
              "(unit norm; "
              f"mean residual-stream norm there {v['residual_norm']:.1f}; suggested add scales "
              f"{', '.join(f'{s:g}' for s in v['scales'])}; cap floor {v['cap_min']:.3g} on the projection), gate "
-             f"probe `sentiment_probe` at layer {v['probe_layer']} (threshold {v['probe_threshold']:.3f}, sharpness "
+             f"probe `{probe}` at layer {v['probe_layer']} (threshold {v['probe_threshold']:.3f}, sharpness "
              f"{v['probe_sharpness']:g}). Ungated ops edit every token (prompt and decode); ablate removes the "
              "whole component along the direction, the positive side with the negative. Gated add: scale "
              f"{v['gated_scale']:g}, fixed before the run (the largest suggested scale unless `--gated-scale` set "

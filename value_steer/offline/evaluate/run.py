@@ -32,7 +32,7 @@ from typing import Any
 from value_steer.offline.evaluate.plan import MAX_NUM_SEQS, EvalPlan, estimate_seconds
 from value_steer.offline.evaluate.stats import Response, choose_threshold, condition_metrics, response_logprobs
 from value_steer.offline.evaluate.steering import (
-    PROBE,
+    VECTOR,
     SteeringVectors,
     activation_conditions,
     gate_values,
@@ -236,7 +236,7 @@ def _gate_trajectories(layer_dir: Path, vectors: SteeringVectors, request_ids: d
     sampled from; the last response token is never forwarded while sampling, so it is left out)."""
     from safetensors.torch import load_file
 
-    probe = next(iter(load_file(str(Path(vectors.dir) / f"{PROBE}.safetensors")).values()))
+    probe = next(iter(load_file(str(Path(vectors.dir) / f"{vectors.probe}.safetensors")).values()))
     out = {}
     for pid, h in _rows(layer_dir, request_ids).items():
         g = gate_values(h[n_prompt[pid]:-1], probe, vectors.probe_threshold, vectors.probe_sharpness)
@@ -245,11 +245,15 @@ def _gate_trajectories(layer_dir: Path, vectors: SteeringVectors, request_ids: d
 
 
 def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = None, *,
-        logit_checkpoint: str | None = None, log: Callable[[str], None] = print, task: Any = None) -> dict[str, Any]:
+        logit_checkpoint: str | None = None, log: Callable[[str], None] = print, task: Any = None,
+        vector: str | None = None, vector_layer: int | None = None) -> dict[str, Any]:
     """Run every condition of ``plan``; returns the JSON-ready results. ``vectors_dir``: the steering vectors
     (needed when ``plan.activation``); ``logit_checkpoint``: the logit-steering generator (needed when
     ``plan.logit_strengths``); ``task``: a :func:`~value_steer.offline.tasks.task_file.load_task` task whose prompts
-    and judge the run uses (None: the built-in sentiment task; its results then carry no ``task`` entry)."""
+    and judge the run uses (None: the built-in sentiment task; its results then carry no ``task`` entry);
+    ``vector``: the activation rows' vector in ``vectors_dir`` (default: the task's name, ``sentiment`` for the
+    built-in task; its probe ``<vector>_probe`` when there is one), ``vector_layer``: which of a pairs vector's
+    layers (:func:`~value_steer.offline.evaluate.steering.load_vectors`)."""
     from value_steer.core.checkpoint import load_value_head
     from value_steer.offline.tasks.task_file import load_task
 
@@ -264,7 +268,10 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
         raise ValueError("plan.activation needs vectors_dir")
     if plan.logit_strengths and logit_checkpoint is None:
         raise ValueError("plan.logit_strengths needs logit_checkpoint")
-    vectors = load_vectors(vectors_dir) if plan.activation and vectors_dir is not None else None
+    if vector is None:
+        vector = VECTOR if user_task is None else task.name
+    vectors = (load_vectors(vectors_dir, vector, vector_layer) if plan.activation and vectors_dir is not None
+               else None)
     act_rows = activation_conditions(vectors, plan.gated_scale) if vectors is not None else []
     est = estimate_seconds(plan, len(vectors.scales) if vectors is not None else 0)
     log(f"estimated wall time on 2 idle cores: {est['total'] / 60:.0f} min (" + ", ".join(
@@ -314,6 +321,11 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
     t0 = time.perf_counter()
     llm = _engine(model, config, plan.seed)
     engine_s = time.perf_counter() - t0
+    residual_norm_at_layer = None
+    if vectors is not None:
+        # The worker's measure of the layer's typical residual norm (what the doses are relative to).
+        norms = llm.collective_rpc("value_steer_vectors", args=("hashes",))[0].get("residual_norms")
+        residual_norm_at_layer = None if norms is None else float(norms[vectors.layer])
     base_cal = Condition("base", "calibration", "base")
     record(base_cal, splits["calibration"], llm, {"value_steer": False})
     chosen: dict[int, float] = {}
@@ -342,11 +354,12 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
         for row in act_rows:
             record(Condition(row.name, "test", row.mode, scale=row.scale, steering=row.steering), test, llm,
                    {"value_steer": False, "steering": row.steering})
-        g_scale = vectors.gated_scale(plan.gated_scale)
-        spec = gated_add(vectors, g_scale).to_dict()
-        name = f"vfd K={k0} t={chosen[k0]:g} + gated add s={g_scale:g}"
-        record(Condition(name, "test", "vfd_gated_add", k0, chosen[k0], g_scale, spec), test, llm,
-               {"num_candidates": k0, "threshold": chosen[k0], "steering": spec})
+        if vectors.probe is not None:
+            g_scale = vectors.gated_scale(plan.gated_scale)
+            spec = gated_add(vectors, g_scale).to_dict()
+            name = f"vfd K={k0} t={chosen[k0]:g} + gated add s={g_scale:g}"
+            record(Condition(name, "test", "vfd_gated_add", k0, chosen[k0], g_scale, spec), test, llm,
+                   {"num_candidates": k0, "threshold": chosen[k0], "steering": spec})
     for s in plan.logit_strengths:
         record(Condition(f"logit s={s:g}", "test", "logit", scale=s), test, llm,
                {"value_steer": False, "logit_steering": s})
@@ -363,7 +376,7 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
     head = ckpt.head.eval()
     trajectories = {name: _trajectories(cap_dir, head, ids) for name, ids in ex_ids.items()}
     gates = {}
-    if vectors is not None:
+    if vectors is not None and vectors.probe is not None:
         layer_dir = cap_dir / f"layer-{vectors.probe_layer:02d}"
         gates = {name: _gate_trajectories(layer_dir, vectors, ids, prompt_lens) for name, ids in gate_ids.items()}
     wall = time.perf_counter() - t_start
@@ -378,7 +391,8 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
         "head_threshold": abstain_t,
         "head_meta": {k: v for k, v in ckpt.meta.items() if k != "train_history"},
         "vectors": None if vectors is None else {**asdict(vectors), "add_layer": vectors.add_layer,
-                                                 "gated_scale": vectors.gated_scale(plan.gated_scale)},
+                                                 "gated_scale": vectors.gated_scale(plan.gated_scale),
+                                                 "worker_residual_norm": residual_norm_at_layer},
         "chosen_thresholds": {str(k): v for k, v in chosen.items()},
         "conditions": [asdict(c) for c in conditions],
         "trajectories": trajectories,

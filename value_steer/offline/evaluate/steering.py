@@ -10,6 +10,11 @@ The vectors directory (``value-steer vectors`` writes it; default ``value_steer/
 - ``sentiment_probe.safetensors``: the gate's probe ``[H]``; its sidecar gives ``layer``, ``threshold`` and
   ``sharpness`` (the gate opens on few responses the judge finds fine: see the sidecar's ``calibration``).
 
+A task's vectors go by its name (``value-steer vectors --task`` writes ``<task>`` and ``<task>_probe``); ``value-steer
+vectors --pairs`` writes one vector (any name) whose sidecar lists ``layers``, ``norms`` and
+``suggested_add_scales`` (multiples of the vector as written) and no probe or cap floor: its rows are the adds and
+ablate (cap and the gated rows need what only the judged-sample method measures).
+
 Rows (test split; same prompts, sampling and budget as the others):
 
 - ``add s=S``: ``x + S v`` at the vector's layer, every token (prompt and decode), one row per suggested scale;
@@ -40,22 +45,31 @@ PROBE = "sentiment_probe"
 
 @dataclass(frozen=True)
 class SteeringVectors:
-    """What the evaluation reads of the vectors directory (both sidecars are kept whole in ``meta``)."""
+    """What the evaluation reads of the vectors directory (the sidecars are kept whole in ``meta``).
+
+    ``cap_min`` is None when the sidecar has no cap floor, and the ``probe*`` fields are None without a probe
+    (a pairs vector): those rows are then left out. ``unit``: the vector has unit norm (scales are absolute);
+    False for a pairs vector (scales multiply the vector as written)."""
 
     dir: str
     layer: int
-    residual_norm: float
+    residual_norm: float | None
     scales: tuple[float, ...]
-    cap_min: float
-    probe_layer: int
-    probe_threshold: float
-    probe_sharpness: float
+    cap_min: float | None
+    probe_layer: int | None
+    probe_threshold: float | None
+    probe_sharpness: float | None
     meta: dict[str, Any] = field(default_factory=dict)
+    name: str = VECTOR
+    probe: str | None = PROBE
+    unit: bool = True
 
     @property
     def add_layer(self) -> int:
         """The gated add's layer: the vector's own, unless it sits below the gate (an op below the gate layer
         is not gated), then the gate's."""
+        if self.probe_layer is None:
+            return self.layer
         return max(self.layer, self.probe_layer)
 
     def gated_scale(self, override: float | None = None) -> float:
@@ -89,23 +103,53 @@ def _number(meta: dict[str, Any], path: str, where: Path, *, integer: bool = Fal
     return cur
 
 
-def load_vectors(directory: str | Path) -> SteeringVectors:
-    """Read and check the two sidecars of ``directory`` (raises naming the file and key)."""
-    d = Path(directory)
-    vec, probe = _sidecar(d, VECTOR), _sidecar(d, PROBE)
-    vside, pside = d / f"{VECTOR}.safetensors.meta.json", d / f"{PROBE}.safetensors.meta.json"
-    scales = vec.get("scales")
+def _scales(scales: Any, where: Path, key: str) -> tuple[float, ...]:
     if (not isinstance(scales, list) or not scales
             or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) for s in scales)):
-        raise ValueError(f"{vside}: scales must be a non-empty list of finite numbers, got {scales!r}")
+        raise ValueError(f"{where}: {key} must be a non-empty list of finite numbers, got {scales!r}")
+    return tuple(float(s) for s in scales)
+
+
+def load_vectors(directory: str | Path, name: str = VECTOR, layer: int | None = None) -> SteeringVectors:
+    """Read and check the sidecars of vector ``name`` in ``directory`` and of its probe ``<name>_probe`` when there
+    is one (raises naming the file and key). ``layer``: which of a pairs vector's layers the rows steer (default:
+    its first)."""
+    d = Path(directory)
+    vec = _sidecar(d, name)
+    vside = d / f"{name}.safetensors.meta.json"
+    probe_name = f"{name}_probe"
+    probe: dict[str, Any] | None = None
+    if (d / f"{probe_name}.safetensors").is_file() or (d / f"{probe_name}.safetensors.meta.json").is_file():
+        probe = _sidecar(d, probe_name)
+    pside = d / f"{probe_name}.safetensors.meta.json"
+    pfacts: dict[str, Any] = {"probe_layer": None, "probe_threshold": None, "probe_sharpness": None}
+    if probe is not None:
+        pfacts = {"probe_layer": int(_number(probe, "layer", pside, integer=True)),
+                  "probe_threshold": float(_number(probe, "threshold", pside)),
+                  "probe_sharpness": float(_number(probe, "sharpness", pside))}
+    meta = {name: vec, **({probe_name: probe} if probe is not None else {})}
+    if "layer" not in vec and "suggested_add_scales" in vec:  # value-steer vectors --pairs
+        layers = vec.get("layers")
+        if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 for x in layers):
+            raise ValueError(f"{vside}: layers must be a non-empty list of layer indices, got {layers!r}")
+        if layer is None:
+            layer = layers[0]
+        elif layer not in layers:
+            raise ValueError(f"--vector-layer {layer}: vector {name!r} has rows for layers {layers} only")
+        table = vec["suggested_add_scales"]
+        key = f"suggested_add_scales.{layer}"
+        scales = _scales(table.get(str(layer)) if isinstance(table, dict) else None, vside, key)
+        return SteeringVectors(dir=str(d), layer=int(layer), residual_norm=None, scales=scales, cap_min=None,
+                               **pfacts, meta=meta, name=name, probe=probe_name if probe is not None else None,
+                               unit=False)
+    if layer is not None and layer != vec.get("layer"):
+        raise ValueError(f"--vector-layer {layer}: vector {name!r} is for layer {vec.get('layer')!r} only")
     return SteeringVectors(
         dir=str(d), layer=int(_number(vec, "layer", vside, integer=True)),
-        residual_norm=float(_number(vec, "residual_norm", vside)), scales=tuple(float(s) for s in scales),
-        cap_min=float(_number(vec, "cap.min", vside)),
-        probe_layer=int(_number(probe, "layer", pside, integer=True)),
-        probe_threshold=float(_number(probe, "threshold", pside)),
-        probe_sharpness=float(_number(probe, "sharpness", pside)),
-        meta={VECTOR: vec, PROBE: probe})
+        residual_norm=float(_number(vec, "residual_norm", vside)), scales=_scales(vec.get("scales"), vside, "scales"),
+        cap_min=float(_number(vec, "cap.min", vside)) if isinstance(vec.get("cap"), dict) else None,
+        **pfacts, meta=meta, name=name, probe=probe_name if probe is not None else None)
 
 
 @dataclass(frozen=True)
@@ -124,20 +168,25 @@ class ActivationRow:
 
 def gated_add(v: SteeringVectors, scale: float | None = None) -> Steering:
     """The probe-gated add at ``v.gated_scale(scale)`` (see the module docstring for the layer)."""
-    return Steering([add(v.add_layer, VECTOR, v.gated_scale(scale))],
-                    gate=gate(v.probe_layer, PROBE, v.probe_threshold, v.probe_sharpness))
+    if v.probe is None or v.probe_layer is None or v.probe_threshold is None or v.probe_sharpness is None:
+        raise ValueError(f"vector {v.name!r} has no probe ({v.name}_probe): no gated add")
+    return Steering([add(v.add_layer, v.name, v.gated_scale(scale))],
+                    gate=gate(v.probe_layer, v.probe, v.probe_threshold, v.probe_sharpness))
 
 
 def activation_conditions(v: SteeringVectors, gated_scale: float | None = None) -> list[ActivationRow]:
     """The activation-only rows, in report order (VFD + gated add is built by the run, which knows the
-    chosen VFD point). ``gated_scale``: the gated add's scale (None: the largest suggested)."""
-    rows = [ActivationRow(f"add s={s:g}", "add", Steering([add(v.layer, VECTOR, s)]).to_dict(), s)
+    chosen VFD point). ``gated_scale``: the gated add's scale (None: the largest suggested). Without a cap floor
+    there is no cap row, without a probe no gated row."""
+    rows = [ActivationRow(f"add s={s:g}", "add", Steering([add(v.layer, v.name, s)]).to_dict(), s)
             for s in v.scales]
-    rows.append(ActivationRow(f"cap min={v.cap_min:.3g}", "cap",
-                              Steering([cap(v.layer, VECTOR, min=v.cap_min)]).to_dict()))
-    rows.append(ActivationRow("ablate", "ablate", Steering([ablate(v.layer, VECTOR, 0.0)]).to_dict(), 0.0))
-    g = v.gated_scale(gated_scale)
-    rows.append(ActivationRow(f"gated add s={g:g}", "gated_add", gated_add(v, g).to_dict(), g))
+    if v.cap_min is not None:
+        rows.append(ActivationRow(f"cap min={v.cap_min:.3g}", "cap",
+                                  Steering([cap(v.layer, v.name, min=v.cap_min)]).to_dict()))
+    rows.append(ActivationRow("ablate", "ablate", Steering([ablate(v.layer, v.name, 0.0)]).to_dict(), 0.0))
+    if v.probe is not None:
+        g = v.gated_scale(gated_scale)
+        rows.append(ActivationRow(f"gated add s={g:g}", "gated_add", gated_add(v, g).to_dict(), g))
     return rows
 
 
