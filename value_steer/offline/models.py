@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from value_steer.offline.data_dir import data_dir
 
@@ -399,6 +400,67 @@ def make_tiny_llama(
     if not tie_word_embeddings:
         tensors["lm_head.weight"] = normal(vocab_size, hidden_size)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny random models of other families (the model matrix): transformers' own config and model classes, so each
+# folder has the family's real layout (fused or split projections, extra norms, soft-capping, MoE blocks).
+
+# family -> (transformers config class, architecture, family-specific config fields). Every model: 2 layers,
+# hidden 64, 2 heads of 32 (1 KV head), vocabulary 512 (the tiny ChatML tokenizer's).
+TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    # Real Gemma 2/3 checkpoints mix sliding-window and full-attention layers (two KV cache groups in vLLM);
+    # a 16-token window makes the tests' sequences cross it.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 32, "sliding_window": 16,
+                                                     "query_pre_attn_scalar": 32, "attn_logit_softcapping": 50.0,
+                                                     "final_logit_softcapping": 30.0,
+                                                     "layer_types": ["sliding_attention", "full_attention"]}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 32, "sliding_window": 16,
+                                                         "query_pre_attn_scalar": 32,
+                                                         "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                                        "attention_multiplier": 0.125, "logits_scaling": 2.0}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 32, "num_experts": 4,
+                                                            "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                                            "decoder_sparse_step": 1, "mlp_only_layers": []}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                                        "sliding_window": None}),
+}
+
+
+def make_tiny_model(family: str, out_dir: str | os.PathLike, *, init_std: float = 0.2, seed: int = 0) -> Path:
+    """Write a tiny random model of ``family`` (a key of :data:`TINY_FAMILIES`) with the tiny ChatML tokenizer.
+
+    The weights come from the family's transformers model class (``from_config`` under ``torch.manual_seed(seed)``,
+    init std ``init_std``; norms at their defaults), saved as fp32 safetensors, so vLLM loads them through its own
+    loader for that architecture and transformers is the reference on the same folder.
+    """
+    import torch
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {sorted(TINY_FAMILIES)}, got {family!r}")
+    cls_name, arch, extra = TINY_FAMILIES[family]
+    out = make_tiny_llama(out_dir, seed=seed)  # the tokenizer files (the Llama weights are replaced below)
+    base = json.loads((out / "config.json").read_text())
+    fields = {k: base[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "vocab_size", "max_position_embeddings", "bos_token_id",
+                                   "eos_token_id", "pad_token_id", "rms_norm_eps", "tie_word_embeddings")}
+    cfg = getattr(transformers, cls_name)(**{**fields, "initializer_range": init_std, **extra})
+    cfg.architectures = [arch]
+    cfg.dtype = "float32"
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(cfg).float().eval()
+    for f in out.glob("model*.safetensors"):
+        f.unlink()
+    model.save_pretrained(str(out), safe_serialization=True)
     return out
 
 
