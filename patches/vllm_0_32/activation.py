@@ -14,7 +14,8 @@ also copies the stream of capturing tokens (``capture_layers``) into its layer's
 
 Layer outputs: vLLM's decoder layers return ``(hidden_states, residual)`` (the residual stream is their
 sum; ``residual`` is None never after the first layer in vLLM 0.32's Llama-family models, but a ``None`` is
-handled as "no fused residual") or a single tensor (the stream itself).
+handled as "no fused residual") or a single tensor (the stream itself), as token rows ``[T, H]``; the layers of
+vLLM's Transformers backend (the HF modules) return ``[1, T, H]``, steered as the same rows.
 """
 
 from __future__ import annotations
@@ -63,28 +64,53 @@ class SteeredDecoderLayer(nn.Module):
         out = self.layer(*args, **kwargs)
         pair = isinstance(out, tuple)
         hidden = out[0] if pair else out
-        residual = out[1] if pair and len(out) > 1 and out[1] is not None else hidden.new_empty(0)
-        steer_gate(hidden, residual, self.vs_token_row, self.vs_bank, self.vs_gate_slot, self.vs_gate_threshold,
+        residual = out[1] if pair and len(out) > 1 and out[1] is not None else None
+        # The ops take token rows [T, H]. vLLM's own models give that; its Transformers backend (OLMo 2, ...) gives
+        # the HF layout [1, T, H]: a view of the same rows, and the edited rows go back in the layer's own shape.
+        shape = hidden.shape
+        if hidden.dim() < 2 or (residual is not None and residual.shape != shape):
+            raise RuntimeError(f"value_steer: activation steering cannot steer {type(self.layer).__name__}'s output "
+                               f"(hidden {tuple(shape)}, residual "
+                               f"{None if residual is None else tuple(residual.shape)}): it needs token rows [..., H] "
+                               "and a residual of the same shape")
+        rows = hidden.reshape(-1, shape[-1]) if hidden.dim() != 2 else hidden
+        res_rows = (residual.reshape(-1, shape[-1]) if residual.dim() != 2 else residual) if residual is not None \
+            else hidden.new_empty(0)
+        steer_gate(rows, res_rows, self.vs_token_row, self.vs_bank, self.vs_gate_slot, self.vs_gate_threshold,
                    self.vs_gate_sharpness, self.vs_gate)
-        steered = steer_activations(hidden, residual, self.vs_token_row, self.vs_token_decode, self.vs_gate,
+        steered = steer_activations(rows, res_rows, self.vs_token_row, self.vs_token_decode, self.vs_gate,
                                     self.vs_bank, self.vs_op_kind, self.vs_op_slot, self.vs_op_a, self.vs_op_b,
                                     self.vs_op_flags)
         if self.captures:
             # The stream after this layer's edits: what the next layer reads.
-            capture_stream(steered, residual, self.vs_token_row, self.vs_capture_flag, self.vs_capture_buf)
+            capture_stream(steered, res_rows, self.vs_token_row, self.vs_capture_flag, self.vs_capture_buf)
+        if steered.shape != shape:
+            steered = steered.reshape(shape)
         return (steered, *out[1:]) if pair else steered
 
 
+# Where a decoder layer list may live: the attribute names vLLM's models (and the HF models its Transformers backend
+# wraps) give it, under any parent (model.layers, model.model.layers, language_model.model.layers, transformer.h).
+LAYER_LIST_NAMES = ("layers", "h", "blocks", "block", "decoder_layers")
+# Multimodal wrappers hold a vision tower's layer list too: the language model's is preferred.
+TEXT_PARENTS = ("language_model", "text_model", "text_decoder")
+
+
 def decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The model's decoder layer list: the ``nn.ModuleList`` named ``layers`` (or ``h`` / ``blocks``) with
-    ``num_layers`` entries (``model.model.layers`` in vLLM's Llama-family models)."""
+    """The model's decoder layer list: the ``nn.ModuleList`` named one of :data:`LAYER_LIST_NAMES` with
+    ``num_layers`` entries (``model.model.layers`` in vLLM's Llama-family models; under ``language_model`` in
+    multimodal ones). Raises naming the model class and what was looked for when there is not exactly one."""
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and len(m) == num_layers
-             and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks")]
+             and name.rsplit(".", 1)[-1] in LAYER_LIST_NAMES]
+    if len(found) > 1:
+        text = [(n, m) for n, m in found if any(p in n.split(".") for p in TEXT_PARENTS)]
+        found = text or found
     if len(found) != 1:
         names = [n for n, _ in found] or "none"
         raise RuntimeError(f"value_steer: activation steering needs exactly one decoder layer list of {num_layers} "
-                           f"layers in {type(model).__name__}; found {names}")
+                           f"layers in {type(model).__name__} (an nn.ModuleList named one of {list(LAYER_LIST_NAMES)}"
+                           f"); found {names}")
     return found[0][1]
 
 

@@ -44,14 +44,15 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.config", "ModelConfig.get_hidden_size", ("self",)),
     ("vllm.config", "ModelConfig.get_vocab_size", ("self",)),
     ("vllm.config", "ModelConfig", ("seed", "logits_processors", "model", "max_model_len")),
-    ("vllm.config", "SchedulerConfig", ("max_num_seqs", "max_num_batched_tokens", "async_scheduling")),
+    ("vllm.config", "SchedulerConfig", ("max_num_seqs", "max_num_batched_tokens", "async_scheduling",
+                                        "disable_hybrid_kv_cache_manager")),
     ("vllm.config", "ParallelConfig", ("pipeline_parallel_size",)),
     ("vllm.config", "CompilationConfig", ("cudagraph_mode", "cudagraph_capture_sizes")),
     ("vllm.config", "CUDAGraphMode", ("NONE", "PIECEWISE", "has_full_cudagraphs")),
     # ---- engine start-up (worker.py: the engine-config hook adjusts EngineArgs before vLLM builds the config)
     ("vllm.engine.arg_utils", "EngineArgs", ("worker_cls", "additional_config", "speculative_config",
                                              "pipeline_parallel_size", "async_scheduling", "compilation_config",
-                                             "enforce_eager", "logits_processors")),
+                                             "enforce_eager", "logits_processors", "disable_hybrid_kv_cache_manager")),
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config", ("self",)),
     # The runner choice is read from this variable (config/vllm.py use_v2_model_runner); the adapter sets it.
     ("vllm.envs", "VLLM_USE_V2_MODEL_RUNNER", ()),
@@ -163,6 +164,10 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     # http.py wraps the app builder's reference to it (module global), to add the stats routes.
     ("vllm.entrypoints.launchers.app", "init_entrypoints_middleware", ("args", "app")),
     ("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc", ("self", "method", "timeout", "args", "kwargs")),
+    # Data parallel: every engine's answer (frontend.rpc_each_engine), through the engine-core client AsyncLLM holds.
+    ("vllm.v1.engine.async_llm", "AsyncLLM", ("engine_core",)),
+    ("vllm.v1.engine.core_client", "AsyncMPClient.call_utility_all_async", ("self", "method")),
+    ("vllm.v1.engine.core_client", "MPClient", ("core_engines",)),
     # ---- activation steering in the frontend process (frontend.py, http.py) ------------------------------
     # The salt and fingerprint go on the request process_inputs returns: it carries process_inputs' own clone
     # of the caller's SamplingParams, and EngineCoreRequest is a mutable msgspec struct. InputProcessor binds
@@ -197,7 +202,7 @@ CONTRACT: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config", ("self",)),
     ("vllm.engine.arg_utils", "EngineArgs", ("worker_cls", "additional_config", "speculative_config",
                                              "pipeline_parallel_size", "async_scheduling", "compilation_config",
-                                             "enforce_eager", "logits_processors")),
+                                             "enforce_eager", "logits_processors", "disable_hybrid_kv_cache_manager")),
     ("vllm.envs", "VLLM_USE_V2_MODEL_RUNNER", ()),
     ("vllm.envs", "disable_envs_cache", ()),
     ("vllm.platforms", "current_platform", ("is_cuda_alike",)),

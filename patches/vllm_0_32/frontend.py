@@ -362,6 +362,38 @@ def _call_action(args: tuple, kwargs: Mapping[str, Any] | None) -> tuple[str | N
     return (action if isinstance(action, str) else None), (name if isinstance(name, str) else None)
 
 
+async def rpc_each_engine(client: Any, method: str, args: tuple = (), timeout: float | None = None) -> list[Any]:
+    """``collective_rpc`` on every engine of ``client`` (an ``AsyncLLM``): one list of worker answers per engine.
+
+    Under ``--data-parallel-size N`` vLLM's ``collective_rpc`` asks every engine but returns the first engine's
+    answer only (``DPLBAsyncMPClient.call_utility_async``); a request's stats live on the engine that served it, a
+    refusal on the engine that refused it, and each engine has its own counters and registry. Without data
+    parallelism this is ``[client.collective_rpc(...)]``."""
+    core = getattr(client, "engine_core", None)
+    engines = getattr(core, "core_engines", None)
+    if core is not None and isinstance(engines, list) and len(engines) > 1 and hasattr(core, "call_utility_all_async"):
+        return list(await core.call_utility_all_async("collective_rpc", method, timeout, args, None))
+    return [await client.collective_rpc(method, timeout=timeout, args=args)]
+
+
+def sum_counters(answers: list[Any]) -> dict[str, Any]:
+    """The engines' ``counters`` summed key by key (numbers added, nested dicts summed the same way)."""
+
+    def add(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return a + b
+        return a
+
+    total: Any = None
+    for answer in answers:
+        counters = answer.get("counters") if isinstance(answer, dict) else None
+        if isinstance(counters, dict):
+            total = counters if total is None else add(total, counters)
+    return total or {}
+
+
 def first_answer(results: Any) -> Any:
     """One answer for all workers: the first error if any worker refused (tensor-parallel workers hold the
     same bank, so they should agree), else the first answer."""
@@ -429,17 +461,18 @@ def _maybe_refused(out: Any) -> bool:
 async def _raise_if_refused(engine: Any, request_id: str) -> None:
     """Ask the worker whether ``request_id`` (or one of its choices) was refused; raise its reason if so."""
     try:
-        results = await engine.collective_rpc("value_steer_stats", timeout=10.0, args=(request_id,))
+        per_engine = await rpc_each_engine(engine, "value_steer_stats", (request_id,), 10.0)
     except Exception:  # the answer stands; the stats route still has the reason
         logger.warning("value_steer: could not ask the worker about request %s", request_id, exc_info=True)
         return
-    answer = first_answer(results)
-    stats = answer.get("stats") if isinstance(answer, dict) else None
-    if not isinstance(stats, dict):
-        return
-    for s in [stats, *(c.get("stats") or {} for c in stats.get("choices", ()))]:
-        if s.get("error"):
-            raise SteeringRefusedError(str(s["error"]))
+    for results in per_engine:  # data parallel: the engine that served it knows it
+        answer = first_answer(results)
+        stats = answer.get("stats") if isinstance(answer, dict) else None
+        if not isinstance(stats, dict):
+            continue
+        for s in [stats, *(c.get("stats") or {} for c in stats.get("choices", ()))]:
+            if s.get("error"):
+                raise SteeringRefusedError(str(s["error"]))
 
 
 def _steers_engine(engine: Any) -> bool:

@@ -68,7 +68,9 @@ from value_steer.patches.vllm_0_32.frontend import (
     model_facts,
     observe_vectors_answer,
     residual_norms,
+    rpc_each_engine,
     steering_parse_kwargs,
+    sum_counters,
     vector_names,
 )
 from value_steer.runtime.metrics import steering_collector
@@ -92,22 +94,30 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permis
 ADMIN_KEY_HEADER = "x-steering-admin-key"
 
 
-async def _rpc(request: Any, method: str, *args: Any) -> Any:
-    """The first worker's answer (tensor-parallel workers hold identical steering state)."""
-    results = await request.app.state.engine_client.collective_rpc(method, timeout=RPC_TIMEOUT_S, args=args)
-    return results[0] if isinstance(results, list) else results
+async def _rpc_engines(request: Any, method: str, *args: Any) -> list[Any]:
+    """Each engine's answer (data parallel: one per engine), from its first worker (tensor-parallel workers hold
+    identical steering state): the first error a worker gave, else the first answer."""
+    per_engine = await rpc_each_engine(request.app.state.engine_client, method, args, RPC_TIMEOUT_S)
+    return [first_answer(results) for results in per_engine]
+
+
+async def _counters(request: Any) -> dict[str, Any]:
+    """The process-wide counters, summed over the engines."""
+    return sum_counters(await _rpc_engines(request, "value_steer_stats"))
 
 
 async def _stats(request: Request) -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(await _rpc(request, "value_steer_stats"))
+    return JSONResponse({"counters": await _counters(request)})
 
 
 async def _request_stats(request: Request, request_id: str) -> Any:
     from fastapi.responses import JSONResponse
 
-    answer = await _rpc(request, "value_steer_stats", request_id)
+    answers = await _rpc_engines(request, "value_steer_stats", request_id)
+    # Data parallel: the engine that served the request holds its stats; the others do not know the id.
+    answer = next((a for a in answers if isinstance(a, dict) and a.get("stats") is not None), answers[0])
     if answer.get("stats") is None:
         return JSONResponse({"error": {"message": f"value_steer: unknown request id {request_id!r} (finished "
                                        f"requests are kept for the last {MAX_FINISHED_KEPT})", "code": 404}},
@@ -121,7 +131,7 @@ def _metrics_middleware() -> Any:
     async def value_steer_metrics(request: Any, call_next: Any) -> Any:
         if request.method == "GET" and request.url.path == "/metrics":
             try:
-                collector.update((await _rpc(request, "value_steer_stats"))["counters"])
+                collector.update(await _counters(request))
             except Exception:  # a failed pull must not take vLLM's own metrics down; it is logged and counted
                 logger.exception("value_steer: pulling worker counters for /metrics failed")
                 collector.record_error()
@@ -521,9 +531,10 @@ def vector_data_problem(data: Any, hidden_size: int | None, num_layers: int | No
 
 async def _vectors_rpc(request: Any, action: str, name: str | None = None, data: list | None = None) -> Any:
     """The worker registry's answer; the name mirror follows it at once (the RPC hook does too: idempotent)."""
-    results = await request.app.state.engine_client.collective_rpc(VECTORS_RPC, timeout=RPC_TIMEOUT_S,
-                                                                   args=(action, name, data))
-    answer = first_answer(results)
+    # Every engine's registry answers before the client gets one (data parallel: each engine has its own bank);
+    # an engine that refused gives the answer.
+    answers = await _rpc_engines(request, VECTORS_RPC, action, name, data)
+    answer = next((a for a in answers if isinstance(a, dict) and "error" in a), answers[0])
     observe_vectors_answer(action, name, answer)
     return answer
 

@@ -181,7 +181,9 @@ class VFDRunnerMixin:
         s = scratch_blocks_needed(self._vfd_k, self._vfd_sched_max_seqs)
         kc = copy.deepcopy(kv_cache_config)
         if len(kc.kv_cache_groups) != 1:
-            raise RuntimeError("value_steer VFD supports models with one KV cache group (no hybrid attention)")
+            raise RuntimeError("value_steer VFD needs one KV cache group; this engine has "
+                               f"{len(kc.kv_cache_groups)} (vLLM's hybrid KV cache manager is on: start it with "
+                               "--disable-hybrid-kv-cache-manager)")
         kc.num_blocks = n + s
         tensors = []
         for t in kc.kv_cache_tensors:
@@ -213,8 +215,11 @@ class VFDRunnerMixin:
 
         group = self.kv_cache_config.kv_cache_groups[0]  # type: ignore[attr-defined]
         spec = group.kv_cache_spec
-        if not isinstance(spec, FullAttentionSpec) or getattr(spec, "sliding_window", None):
-            raise RuntimeError(f"value_steer VFD supports full attention only, got {type(spec).__name__}")
+        # A FullAttentionSpec with a sliding_window is a sliding-window layer promoted to full-length KV (the hybrid
+        # KV cache manager off): its attention applies the window on positions, so candidates' rows see exactly
+        # the keys their natural sample would.
+        if not isinstance(spec, FullAttentionSpec):
+            raise RuntimeError(f"value_steer VFD supports full-length KV caches only, got {type(spec).__name__}")
         for ag in self.attn_groups[0]:  # type: ignore[attr-defined]
             if getattr(ag, "kernel_block_size", None) is not None:
                 raise RuntimeError(

@@ -106,6 +106,15 @@ def prepare_engine_args(engine_args: Any, *, cuda_graphs: bool | None = None) ->
         elif engine_args.async_scheduling:
             problems.append(f"--async-scheduling: vfd needs synchronous scheduling (the next step's candidates "
                             f"depend on this step's winner); {_FIX_ASYNC}")
+        # VFD's scratch KV and commit copies address one block table. Models that mix sliding-window and
+        # full-attention layers (Gemma 2/3, ...) get one KV cache group with vLLM's hybrid KV cache manager off:
+        # every layer keeps full-length KV, and attention still applies each layer's window, so decoding is exact.
+        hybrid = getattr(engine_args, "disable_hybrid_kv_cache_manager", None)
+        if hybrid is None:
+            engine_args.disable_hybrid_kv_cache_manager = True
+        elif hybrid is False:
+            problems.append("--no-disable-hybrid-kv-cache-manager: vfd needs one KV cache group (sliding-window "
+                            "layers keep full-length KV); drop the flag")
         if cuda_graphs is None:
             cuda_graphs = _runs_cuda_graphs()
         cc = engine_args.compilation_config
@@ -210,6 +219,9 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
         problems.append(f"--pipeline-parallel-size {vllm_config.parallel_config.pipeline_parallel_size}: pipeline "
                         f"parallelism is not supported; {_FIX_PP}")
     if cfg.mode == MODE_VFD:
+        if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager is False:
+            problems.append("the hybrid KV cache manager is on: vfd needs one KV cache group (pass "
+                            "--disable-hybrid-kv-cache-manager; LLM: disable_hybrid_kv_cache_manager=True)")
         if vllm_config.scheduler_config.async_scheduling:
             problems.append(f"async scheduling: vfd needs synchronous scheduling (the next step's candidates "
                             f"depend on this step's winner); {_FIX_ASYNC}")
