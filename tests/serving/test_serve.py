@@ -46,11 +46,12 @@ def _env() -> dict:
             "HF_HUB_OFFLINE": "1"}
 
 
-def _start(model, config: dict, tmp_path_factory, *extra: str):
+def _start(model, config: dict, tmp_path_factory, *extra: str, env: dict | None = None):
+    """A ``vllm serve`` process on a free port (``env``: variables over :func:`_env`'s); returns it and its URL."""
     port = _free_port()
     log = tmp_path_factory.mktemp("log") / "serve.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([*_serve_cmd(model, config, port), *extra], env=_env(), stdout=f,
+        proc = subprocess.Popen([*_serve_cmd(model, config, port), *extra], env={**_env(), **(env or {})}, stdout=f,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
