@@ -219,9 +219,6 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
         problems.append(f"--pipeline-parallel-size {vllm_config.parallel_config.pipeline_parallel_size}: pipeline "
                         f"parallelism is not supported; {_FIX_PP}")
     if cfg.mode == MODE_VFD:
-        if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager is False:
-            problems.append("the hybrid KV cache manager is on: vfd needs one KV cache group (pass "
-                            "--disable-hybrid-kv-cache-manager; LLM: disable_hybrid_kv_cache_manager=True)")
         if vllm_config.scheduler_config.async_scheduling:
             problems.append(f"async scheduling: vfd needs synchronous scheduling (the next step's candidates "
                             f"depend on this step's winner); {_FIX_ASYNC}")

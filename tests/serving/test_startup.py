@@ -76,6 +76,19 @@ def test_vfd_under_cuda_defaults_is_adjusted_before_the_config_is_built(fresh_en
     assert args.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
     assert args.logits_processors == [REQUEST_VALIDATOR]
     assert json.loads(os.environ["VALUE_STEER_CONFIG"]) == {"vfd": {"value_head_path": head}}
+    # One KV cache group for hybrid-attention models (docs/models.md).
+    assert args.disable_hybrid_kv_cache_manager is True
+
+
+def test_vfd_refuses_an_explicit_hybrid_kv_cache_manager(fresh_env, tiny_model_dir, head):
+    from value_steer.patches.vllm_0_32 import StartupError, prepare_engine_args
+
+    args = _args(tiny_model_dir, "vfd", head, disable_hybrid_kv_cache_manager=False)
+    with pytest.raises(StartupError, match="--no-disable-hybrid-kv-cache-manager: vfd needs one KV cache group"):
+        prepare_engine_args(args, cuda_graphs=True)
+    abstain = _args(tiny_model_dir, "abstain", head, disable_hybrid_kv_cache_manager=False)
+    prepare_engine_args(abstain, cuda_graphs=True)  # abstention never needed one group
+    assert abstain.disable_hybrid_kv_cache_manager is False
 
 
 def test_abstention_keeps_async_scheduling_and_full_cuda_graphs(fresh_env, tiny_model_dir, head):
