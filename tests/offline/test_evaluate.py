@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -377,3 +378,14 @@ def test_eval_quick_end_to_end(tmp_path):
     for png in ("tradeoff", "undesirable", "perplexity", "trajectories", "gates"):
         assert (tmp_path / f"evaluation-{png}.png").exists()
     assert "value-steer eval: finished in" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["evaluation", "evaluation-no-prices"])
+def test_committed_reports_re_render_byte_identical(tmp_path, name):
+    """The committed reports are what the current report code writes from their JSON: the built-in task's report
+    is unchanged by the task-file work, and a user task's report (its judge, its pairs vector's rows) renders the
+    same way."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    out = tmp_path / f"{name}.md"
+    assert main(["--render-only", str(docs / f"{name}.json"), "--out", str(out)]) == 0
+    assert out.read_bytes() == (docs / f"{name}.md").read_bytes()

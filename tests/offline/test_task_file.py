@@ -190,6 +190,15 @@ def test_pipeline_trains_a_head_on_labelled_responses(tmp_path, tiny_model_dir, 
     texts = json.loads((train / "texts.json").read_text())
     labels = json.loads((train / "labels.json").read_text())
     assert len(texts) == 60 and all(("banana" in texts[k]) == bool(v) for k, v in labels.items())
+    # An engine serving the model scores tokens with the head.
+    from vllm import SamplingParams
+
+    from tests.helpers import make_llm
+
+    llm = make_llm(tiny_model_dir, {"abstain": {"value_head_path": str(head)}})
+    out = llm.generate(["It costs"], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    stats = llm.collective_rpc("value_steer_stats", args=(out[0].request_id,))[0]["stats"]
+    assert stats["num_scored"] > 0 and np.isfinite(stats["last_value"])
 
 
 @pytest.mark.vllm

@@ -53,7 +53,7 @@ from value_steer.offline.evaluate.plan import FULL, QUICK, EvalPlan, estimate_se
 from value_steer.offline.evaluate.report import moonshot, summary, threshold_transfer, write_report
 from value_steer.offline.evaluate.run import run
 from value_steer.offline.evaluate.stats import Response, choose_threshold, condition_metrics
-from value_steer.offline.evaluate.steering import load_vectors
+from value_steer.offline.evaluate.steering import VECTOR, load_vectors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(head):
             ap.error(f"--head: value head not found: {head}")
         vectors = args.vectors or str(default_vectors_dir())
-        vector = args.vector or (task.name if task is not None else None)
+        vector = args.vector or (task.name if task is not None else VECTOR)
         if plan.activation:
             try:
-                load_vectors(vectors, *((vector,) if vector else ()), args.vector_layer)
+                load_vectors(vectors, vector, args.vector_layer)
             except (OSError, ValueError) as exc:
                 ap.error(f"--vectors: {exc}")
         logit = args.logit_checkpoint or str(default_logit_checkpoint())
