@@ -237,6 +237,15 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
                              vocab_size=model_vocab_size(vllm_config))
         except (OSError, ValueError) as exc:
             problems.append(f"logit_steering.checkpoint: {exc}")
+    if cfg.qhead_path is not None:
+        # Token mode: the Q-head must fit this model's hidden size and logits.
+        from value_steer.core.qhead import load_qhead
+
+        try:
+            load_qhead(cfg.qhead_path, hidden_size=model_hidden_size(vllm_config),
+                       vocab_size=model_vocab_size(vllm_config))
+        except (OSError, ValueError) as exc:
+            problems.append(f"vfd.qhead_path: {exc}")
     if problems:
         raise StartupError(problems)
 

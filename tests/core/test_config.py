@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from value_steer.core.config import ConfigError, RequestArgError, parse_additional_config, parse_request_args
+from value_steer.core.config import (
+    REQUEST_KEYS,
+    ConfigError,
+    RequestArgError,
+    parse_additional_config,
+    parse_request_args,
+)
 from value_steer.core.modes import MODE_ABSTAIN, MODE_OFF, MODE_VFD
 
 
@@ -116,8 +122,7 @@ def test_misspelled_request_key_is_refused_naming_our_keys(key, near, head_file)
         parse_request_args({key: 0.3}, _cfg(head_file), 0.5)
     msg = str(err.value)
     assert repr(key) in msg and f"did you mean {near!r}" in msg
-    assert ("['value_steer', 'threshold', 'num_candidates', 'value_steer_capture', 'capture_layers', "
-            "'capture_prompt_from']") in msg
+    assert str(list(REQUEST_KEYS)) in msg
 
 
 def test_foreign_request_keys_are_left_alone(head_file):
@@ -341,3 +346,37 @@ def test_request_logit_steering_without_server_section(head_file):
 def test_misspelled_logit_steering_key(key):
     with pytest.raises(RequestArgError, match="logit_steering"):
         parse_request_args({key: 1.0}, parse_additional_config({}), 0.5)
+
+
+# ---------------------------------------------------------------- token mode (issue 24)
+
+def test_token_mode_config_and_request_args():
+    from value_steer.core.modes import MODE_TOKEN
+
+    cfg = parse_additional_config({"vfd": {"mode": "token", "qhead_path": "/q.safetensors", "beta": 0.5}},
+                                  check_files=False)
+    assert (cfg.mode, cfg.qhead_path, cfg.beta, cfg.section, cfg.value_head_path) == (MODE_TOKEN, "/q.safetensors",
+                                                                                       0.5, "vfd", None)
+    got = parse_request_args({"token_beta": "2", "threshold": 0.3}, cfg, 0.6)
+    assert (got.mode, got.beta, got.threshold) == (MODE_TOKEN, 2.0, 0.3)
+    assert parse_request_args({}, cfg, 0.6).beta == 0.5
+    assert parse_request_args({"value_steer": False}, cfg, 0.6).mode == MODE_OFF
+
+
+@pytest.mark.parametrize(("sec", "match"), [
+    ({"mode": "token"}, "vfd.qhead_path is required in token mode"),
+    ({"mode": "token", "qhead_path": "/q", "num_candidates": 4}, "vfd.num_candidates is not used in token mode"),
+    ({"mode": "token", "qhead_path": "/q", "direction": "below"}, "vfd.direction is not used in token mode"),
+    ({"mode": "token", "qhead_path": "/q", "beta": -1}, r"vfd.beta must be a number in \[0, 100\]"),
+    ({"mode": "token", "qhead_path": "/q", "beta": "1"}, "vfd.beta must be a number"),
+    ({"mode": "fast", "value_head_path": "/h"}, r"vfd.mode must be one of \['exact', 'token'\]"),
+    ({"value_head_path": "/h", "qhead_path": "/q"}, "vfd.qhead_path belongs to token mode"),
+])
+def test_token_mode_config_errors_name_the_field(sec, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_additional_config({"vfd": sec}, check_files=False)
+
+
+def test_beta_is_refused_outside_token_mode(head_file):
+    with pytest.raises(RequestArgError, match="token_beta is only valid when the server runs vfd in token mode"):
+        parse_request_args({"token_beta": 1.0}, _cfg(head_file), 0.5)

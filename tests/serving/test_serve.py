@@ -131,8 +131,9 @@ def test_bad_request_is_400_and_server_keeps_serving(server, xargs, field):
 def test_misspelled_key_400_names_the_allowed_keys(server):
     r = _complete(server, vllm_xargs={"treshold": 0.3})
     assert r.status_code == 400, r.text
-    keys = ("['value_steer', 'threshold', 'num_candidates', 'value_steer_capture', 'capture_layers', "
-            "'capture_prompt_from']")
+    from value_steer.core.config import REQUEST_KEYS
+
+    keys = str(list(REQUEST_KEYS))
     assert keys in r.json()["error"]["message"]
     # Keys that are not value_steer's (vLLM's own, other plugins') are left alone.
     assert _complete(server, vllm_xargs={"ngram_size": 3}).status_code == 200

@@ -164,6 +164,34 @@ def test_check_engine_config_under_cuda_defaults(fresh_env, tiny_model_dir, head
         check_engine_config(cfg, abstain)
 
 
+def test_token_mode_keeps_async_scheduling_and_full_cuda_graphs(fresh_env, tiny_model_dir, tmp_path):
+    """Token-mode VFD edits logits only (no candidate rows, no scratch KV): start-up leaves CUDA's defaults on, and
+    a CUDA-like config with async scheduling and FULL graphs passes; a Q-head for another model is refused."""
+    import vllm.envs as envs
+    from vllm.engine.arg_utils import EngineArgs
+
+    from value_steer.core.config import parse_additional_config
+    from value_steer.core.qhead import QHead, save_qhead
+    from value_steer.patches.vllm_0_32 import StartupError, check_engine_config, prepare_engine_args
+
+    q = tmp_path / "q.safetensors"
+    save_qhead(q, QHead(TINY_HIDDEN, 512, 2), threshold=0.5)
+    section = {"vfd": {"mode": "token", "qhead_path": str(q)}}
+    args = EngineArgs(model=str(tiny_model_dir), worker_cls=WORKER_CLS, additional_config=section, dtype="float32",
+                      max_model_len=256)
+    prepare_engine_args(args, cuda_graphs=True)
+    assert args.async_scheduling is None and args.compilation_config.cudagraph_mode is None
+    assert args.disable_hybrid_kv_cache_manager is None
+    fresh_env.setenv(V2_ENV, "0")
+    envs.disable_envs_cache()
+    cfg = _cuda_like_config(tiny_model_dir)
+    check_engine_config(cfg, parse_additional_config(section))
+    other = tmp_path / "other.safetensors"
+    save_qhead(other, QHead(TINY_HIDDEN * 2, 512, 2), threshold=0.5)
+    with pytest.raises(StartupError, match=r"vfd\.qhead_path: .*hidden_size 128 does not match the model's 64"):
+        check_engine_config(cfg, parse_additional_config({"vfd": {"mode": "token", "qhead_path": str(other)}}))
+
+
 def test_vllms_own_config_path_runs_the_hook(fresh_env, tiny_model_dir, head):
     """``EngineArgs.create_engine_config`` (what ``vllm serve`` and ``LLM`` call) goes through the plugin's hook:
     with value_steer's worker it adds the validator and refuses what VFD cannot honour; with any other worker

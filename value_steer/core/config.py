@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from value_steer.core.modes import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_VFD
+from value_steer.core.modes import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_TOKEN, MODE_VFD
 from value_steer.core.safe_json import finite_float, loads_bounded, short_repr
 from value_steer.core.steering_spec import RequestArgError, SteeringSpec, VectorRef, check_doses, parse_steering_spec
 
@@ -50,7 +50,8 @@ DEFAULT_NUM_CANDIDATES = 4
 STEER_SECTIONS = ("vfd", "abstain")
 TOP_LEVEL_KEYS = (*STEER_SECTIONS, "capture", "steering", "logit_steering")
 _SECTION_KEYS = {
-    "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default", "schedule"),
+    "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default", "schedule", "mode",
+            "qhead_path", "beta"),
     "abstain": ("value_head_path", "threshold", "direction", "enabled_by_default"),
     "capture": ("dir", "enabled_by_default"),
     "steering": ("vectors", "max_vectors", "max_ops_per_request", "max_inline_floats", "max_relative_dose",
@@ -76,7 +77,12 @@ MIN_BODY_BYTES = 1 << 10
 # alternatives only for unsafe rows, in a second forward), "auto" (a per-step cost model chooses).
 VFD_SCHEDULES = ("auto", "eager", "two_phase")
 REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture", "capture_layers",
-                "capture_prompt_from")
+                "capture_prompt_from", "token_beta")
+# vfd.mode: "exact" forwards K candidates and scores them with the value head; "token" filters the step's logits by
+# a Q-head's predicted token values (value_steer.core.qhead).
+VFD_MODES = ("exact", "token")
+# The largest tilt (token mode's beta): logits - beta * q, q on the logit scale.
+MAX_BETA = 100.0
 # The activation-steering spec's key. Kept out of REQUEST_KEYS (the value-head switches, listed in messages as
 # they are) but known to every check on our keys: ALL_REQUEST_KEYS.
 STEERING_KEY = "steering"
@@ -172,6 +178,8 @@ class SteerConfig:
     schedule: str = "auto"  # vfd only: how candidates are forwarded (value_steer.runtime.vfd_schedule)
     steering: SteeringConfig | None = None
     logit_steering: LogitSteeringConfig | None = None
+    qhead_path: str | None = None  # token mode: the Q-head (its sidecar gives the threshold and direction)
+    beta: float = 0.0  # token mode: 0 masks the predicted-undesirable tokens, > 0 tilts every token by its value
 
     @property
     def sign(self) -> float:
@@ -179,7 +187,7 @@ class SteerConfig:
 
     @property
     def section(self) -> str:
-        return {MODE_VFD: "vfd", MODE_ABSTAIN: "abstain", MODE_OFF: "none"}[self.mode]
+        return {MODE_VFD: "vfd", MODE_TOKEN: "vfd", MODE_ABSTAIN: "abstain", MODE_OFF: "none"}[self.mode]
 
 
 def _check_threshold(value: Any, field: str, err: type[ValueError]) -> float:
@@ -233,6 +241,13 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
     name = present[0]
     sec = raw[name]
     _check_section(sec, name)
+    if name == "vfd" and sec.get("mode", "exact") == "token":
+        return _parse_token_mode(sec, check_files, capture, steering, logit)
+    if name == "vfd" and sec.get("mode", "exact") != "exact":
+        raise ConfigError(f"vfd.mode must be one of {list(VFD_MODES)}, got {short_repr(sec.get('mode'))}")
+    for key in ("qhead_path", "beta"):
+        if key in sec:
+            raise ConfigError(f"{name}.{key} belongs to token mode (\"vfd\": {{\"mode\": \"token\", ...}})")
     if "value_head_path" not in sec:
         raise ConfigError(f"{name}.value_head_path is required (path to a value-head checkpoint)")
     path = sec["value_head_path"]
@@ -269,6 +284,40 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
         steering=steering,
         logit_steering=logit,
     )
+
+
+def _parse_token_mode(sec: dict[str, Any], check_files: bool, capture: CaptureConfig | None,
+                      steering: SteeringConfig | None, logit: LogitSteeringConfig | None) -> SteerConfig:
+    """``"vfd": {"mode": "token", "qhead_path": ..., "threshold"?, "beta"?, "enabled_by_default"?}``."""
+    for key in ("num_candidates", "schedule", "direction", "value_head_path"):
+        if key in sec:
+            raise ConfigError(f"vfd.{key} is not used in token mode (a Q-head scores every token in one matmul; its "
+                              "sidecar gives the direction)")
+    path = sec.get("qhead_path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"vfd.qhead_path is required in token mode (a Q-head checkpoint, value-steer train-qhead), "
+                          f"got {short_repr(path)}")
+    path = os.path.expanduser(path)
+    if check_files and not os.path.isfile(path):
+        raise ConfigError(f"vfd.qhead_path: no such file: {path}")
+    threshold = None
+    if sec.get("threshold") is not None:
+        threshold = _check_threshold(sec["threshold"], "vfd.threshold", ConfigError)
+    beta = _check_beta(sec.get("beta", 0.0), "vfd.beta", ConfigError)
+    enabled = _check_bool(sec.get("enabled_by_default", True), "vfd.enabled_by_default", ConfigError)
+    return SteerConfig(mode=MODE_TOKEN, threshold=threshold, enabled_by_default=enabled, capture=capture,
+                       steering=steering, logit_steering=logit, qhead_path=path, beta=beta)
+
+
+def _check_beta(value: Any, field: str, err: type[ValueError]) -> float:
+    bad = f"{field} must be a number in [0, {MAX_BETA:g}] (0: mask, > 0: tilt), got "
+    try:
+        v = finite_float(value, field, strings=err is RequestArgError)
+    except RequestArgError:
+        raise err(bad + short_repr(value)) from None
+    if not 0.0 <= v <= MAX_BETA:
+        raise err(bad + short_repr(value))
+    return v
 
 
 def _parse_capture(sec: Any) -> CaptureConfig:
@@ -362,6 +411,7 @@ class RequestSteer:
     # Capture the value head's input at prompt positions >= this too (-1: decode tokens only): the replay of a
     # given response as part of the prompt (prefill only), so labelled responses make features like samples do.
     capture_prompt_from: int = -1
+    beta: float = 0.0  # token mode: 0 masks, > 0 tilts (the server's vfd.beta unless the request sets one)
 
 
 _TRUE = {"on", "true", "1", "yes"}
@@ -485,7 +535,8 @@ def parse_request_args(
     k = cfg.num_candidates
     if args.get("num_candidates") is not None:
         if cfg.mode != MODE_VFD:
-            raise RequestArgError("num_candidates is only valid when the server runs 'vfd'")
+            why = " (token mode scores every token in one matmul)" if cfg.mode == MODE_TOKEN else ""
+            raise RequestArgError(f"num_candidates is only valid when the server runs 'vfd' in exact mode{why}")
         bad = (f"num_candidates must be an integer in [1, {cfg.num_candidates}] (the server's vfd.num_candidates), "
                f"got {short_repr(args['num_candidates'])}")
         try:
@@ -495,6 +546,11 @@ def parse_request_args(
         if kv != int(kv) or not 1 <= int(kv) <= cfg.num_candidates:
             raise RequestArgError(bad)
         k = int(kv)
+    beta = cfg.beta
+    if args.get("token_beta") is not None:
+        if cfg.mode != MODE_TOKEN:
+            raise RequestArgError("token_beta is only valid when the server runs vfd in token mode")
+        beta = _check_beta(args["token_beta"], "token_beta", RequestArgError)
     capture = cfg.capture.enabled_by_default if cfg.capture else False
     if "value_steer_capture" in args:
         capture = _parse_switch(args["value_steer_capture"], "value_steer_capture")
@@ -550,6 +606,7 @@ def parse_request_args(
         capture_layers=capture_layers,
         logit_strength=logit_strength,
         capture_prompt_from=capture_prompt_from,
+        beta=beta,
     )
 
 

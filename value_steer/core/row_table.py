@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from value_steer.core.modes import MODE_ABSTAIN, MODE_OFF, MODE_VFD, MODES
+from value_steer.core.modes import MODE_ABSTAIN, MODE_OFF, MODE_TOKEN, MODE_VFD, MODES
 
 
 @dataclass
@@ -65,7 +65,7 @@ class RowTable:
     def stage_row(self, row: int, *, mode: int, threshold: float, sign: float, num_candidates: int) -> None:
         """Write one row into the host mirror (never row 0); :meth:`flush` publishes it."""
         self._check_row(row)
-        if isinstance(mode, bool) or mode not in (MODE_OFF, MODE_ABSTAIN, MODE_VFD):
+        if isinstance(mode, bool) or mode not in (MODE_OFF, MODE_ABSTAIN, MODE_VFD, MODE_TOKEN):
             raise ValueError(f"mode must be one of {sorted(MODES.values())}, got {mode!r}")
         if isinstance(sign, bool) or sign not in (1.0, -1.0):
             raise ValueError(f"sign must be +1.0 or -1.0, got {sign!r}")

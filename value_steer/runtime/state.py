@@ -28,13 +28,15 @@ import torch
 from value_steer.core.checkpoint import HeadCheckpoint, load_value_head
 from value_steer.core.config import RequestSteer, SteerConfig, parse_request_args
 from value_steer.core.logit_steer import load_logit_steer
-from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF
+from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF, MODE_TOKEN
+from value_steer.core.qhead import load_qhead
 from value_steer.core.row_table import RowTable
 from value_steer.core.steering_spec import RequestArgError, VectorRef, fingerprint, inline_norm
 from value_steer.runtime.activation import ActivationTables, VectorBank
 from value_steer.runtime.logit_steer import LogitSteerTables
 from value_steer.runtime.staging import HostDeviceBuffer
 from value_steer.runtime.stats import DeviceStats, RequestInfo, SteeringCounters
+from value_steer.runtime.token_filter import TokenFilterTables
 
 logger = logging.getLogger("value_steer")
 
@@ -92,6 +94,19 @@ class SteeringState:
             self.default_threshold = float(thr)
             self.weights = tuple(w.detach().to(device=self.device, dtype=torch.float32).contiguous()
                                  for w in ckpt.head.weights())
+        # Token mode (value_steer.runtime.token_filter): the Q-head, its operating point from its sidecar.
+        self.token: TokenFilterTables | None = None
+        if config.qhead_path is not None:
+            if vocab_size is None:
+                raise ValueError("token mode needs the width of the model's logits (vocab_size)")
+            try:
+                qck = load_qhead(config.qhead_path, hidden_size=hidden_size, vocab_size=vocab_size)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ValueError(f"vfd.qhead_path: {exc}") from exc
+            self.default_threshold = float(config.threshold if config.threshold is not None else qck.threshold)
+            self.token = TokenFilterTables(qck, max_num_seqs + 1, self.device)
+            logger.info("value_steer: token-mode VFD with Q-head %s (rank %d, threshold %g, direction %s, beta %g)",
+                        config.qhead_path, qck.head.rank, self.default_threshold, qck.direction, config.beta)
         num_rows = max_num_seqs + 1
         self.rows = RowTable.empty(num_rows, device=self.device)
         self.stats = DeviceStats(num_rows, self.device)
@@ -208,13 +223,20 @@ class SteeringState:
             if not self._free_rows:
                 raise RuntimeError("value_steer: row table exhausted (more live requests than max_num_seqs)")
             row = self._free_rows.pop()
-            self.rows.stage_row(row, mode=steer.mode, threshold=steer.threshold, sign=steer.sign,
+            sign = steer.sign
+            if steer.mode == MODE_TOKEN:
+                assert self.token is not None  # MODE_TOKEN comes from a config with a Q-head
+                sign = self.token.checkpoint.sign  # the Q-head was distilled for its sidecar's direction
+                self.token.stage_row(row, steer.beta)
+            self.rows.stage_row(row, mode=steer.mode, threshold=steer.threshold, sign=sign,
                                 num_candidates=steer.num_candidates)
             self.stats.stage_reset(row)
             self.counters.requests_steered += 1
             name = MODE_NAMES[steer.mode]
             self.counters.by_mode[name] = self.counters.by_mode.get(name, 0) + 1
         info = RequestInfo(mode=MODE_NAMES[steer.mode], threshold=steer.threshold, num_candidates=steer.num_candidates)
+        if steer.mode == MODE_TOKEN:
+            info.beta = steer.beta
         if steer.steering is not None:
             info.activation_ops = len(steer.steering.ops)
             info.activation_gated = steer.steering.gate is not None
@@ -261,6 +283,8 @@ class SteeringState:
             return
         if state.row:
             snap = self.stats.snapshot(state.row)
+            if state.info.beta is not None and self.token is not None:
+                state.info.token_mass = self.token.mass[state.row:state.row + 1].clone()
             self.rows.clear_row(state.row)
             self._free_rows.append(state.row)
         else:
@@ -288,9 +312,13 @@ class SteeringState:
             self.activation.flush()
         if self.logit is not None:
             self.logit.flush()
+        if self.token is not None:
+            self.token.flush()
 
     def _live_stats(self, state: RequestState) -> tuple[torch.Tensor, RequestInfo]:
         info = state.info
+        if state.row and info.beta is not None and self.token is not None:
+            info = replace(info, token_mass=self.token.mass[state.row:state.row + 1])
         if state.act_row and info.activation_gated and self.activation is not None:
             info = replace(info, gate_counts=self.activation.gate_counts(state.act_row))
         if state.logit_row and self.logit is not None:

@@ -33,6 +33,8 @@ class RequestInfo:
     gate_counts: Any = None  # finished gated requests: [2] fp64 device tensor (gate tokens, gate open)
     logit_strength: float = 0.0  # the logit-steering multiplier (0: none)
     logit_counts: Any = None  # logit-steered requests: [3] fp64 device tensor (distributions, gate sum, gate max)
+    beta: float | None = None  # token mode: the request's beta (0: mask, > 0: tilt)
+    token_mass: Any = None  # token mode: [1] fp64 device tensor, the probability mass its edits removed
 
 
 @dataclass
@@ -110,7 +112,17 @@ class DeviceStats:
             "error": info.error,
             "activation_steering": DeviceStats._activation(info),
             "logit_steering": DeviceStats._logit(info),
+            **DeviceStats._token(info, int(scored), int(interv)),
         }
+
+    @staticmethod
+    def _token(info: RequestInfo, scored: int, changed: int) -> dict[str, Any]:
+        """Token mode: the distributions it filtered (``num_scored``), those it changed (``num_interventions``;
+        ``last_value`` / ``max_value``: the sampled tokens' predicted values) and the mass removed, mean per step."""
+        if info.beta is None:
+            return {}
+        mass = float(info.token_mass.sum().item()) if info.token_mass is not None else 0.0
+        return {"beta": info.beta, "mass_removed": mass / scored if scored else None}
 
     @staticmethod
     def _logit(info: RequestInfo) -> dict[str, Any] | None:
