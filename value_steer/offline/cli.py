@@ -11,6 +11,7 @@ Subcommands:
   eval             base vs VFD vs abstention on held-out prompts -> docs/evaluation.md + plots
   vectors          activation vectors and a calibrated gate probe from captured residual streams
   train-logit      a logit-steering generator (GenSteer) on VADER preference pairs of the model's own samples
+  train-qhead      a token-level Q-head distilled from a value head (token-mode VFD)
 """
 
 from __future__ import annotations
@@ -179,6 +180,12 @@ def cmd_train_logit(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_train_qhead(args: argparse.Namespace, extra: list[str]) -> int:
+    from value_steer.offline.qhead_training import main as qhead_main
+
+    return qhead_main(extra)
+
+
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from value_steer.offline.evaluate import main as eval_main
 
@@ -271,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="generator checkpoint (.safetensors; the sidecar is written beside)")
     g.set_defaults(func=cmd_train_logit)
 
+    q = sub.add_parser("train-qhead", help="distil a token-level Q-head from a value head, for token-mode VFD (extra "
+                       "args: value-steer train-qhead --help)", add_help=False)
+    q.set_defaults(func=cmd_train_qhead)
+
     e = sub.add_parser("eval", help="evaluation report (extra args: see value-steer eval --help)", add_help=False)
     e.set_defaults(func=cmd_eval)
 
@@ -283,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
-    if extra and args.command not in ("serve", "eval", "vectors", "pipeline"):
+    if extra and args.command not in ("serve", "eval", "vectors", "pipeline", "train-qhead"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args, extra) or 0)
 
