@@ -151,10 +151,19 @@ def test_pipeline_makes_a_head_for_a_users_task_and_model(tmp_path, tiny_model_d
     vec_dir = tmp_path / "vectors"
     write_vector(vec_dir, "parity", {1: torch.randn(64, generator=torch.Generator().manual_seed(0))}, 2,
                  {"made_by": "value-steer vectors --pairs (method mean)", "pairs": {"n": 3}})
+    # And token-mode rows from a Q-head (random, rank 2) beside exact VFD.
+    from value_steer.core.qhead import QHead, save_qhead
+
+    torch.manual_seed(0)
+    qh = QHead(64, 512, 2)
+    with torch.no_grad():
+        qh.w_up.normal_()
+    qpath = tmp_path / "q.safetensors"
+    save_qhead(qpath, qh, threshold=0.5)
     out = tmp_path / "report" / "evaluation-parity.md"
     assert main(["eval", "--quick", "--task", str(path), "--model", str(tiny_model_dir), "--head", str(head),
                  "--vectors", str(vec_dir), "--no-logit", "--n-cal", "8", "--n-test", "8", "--max-tokens", "6",
-                 "--ks", "2", "--thresholds", "0.5", "0.9", "--out", str(out)]) == 0
+                 "--ks", "2", "--thresholds", "0.5", "0.9", "--qhead", str(qpath), "--out", str(out)]) == 0
     md = out.read_text()
     assert md.startswith(f"# Evaluation: value steering of {Path(tiny_model_dir).name} (task parity)")
     assert "- Judge: `parity_judge:judge` (task `parity`" in md
@@ -164,6 +173,10 @@ def test_pipeline_makes_a_head_for_a_users_task_and_model(tmp_path, tiny_model_d
     names = {c["name"] for c in results["conditions"]}
     assert {"base", "add s=1", "add s=8", "ablate"} <= names and not any("gated" in n or "cap" in n for n in names)
     assert results["vectors"]["worker_residual_norm"] > 0
+    token = [c for c in results["conditions"] if c["mode"] == "token"]
+    want = {(split, t) for split in ("calibration", "test") for t in (0.5, 0.9)}
+    assert {(c["split"], c["threshold"]) for c in token} == want
+    assert results["chosen_token_threshold"] in (0.5, 0.9) and "Token mode (Q-head `q.safetensors`)" in md
 
 
 @pytest.mark.vllm

@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logit-checkpoint", default=None, metavar="PATH",
                     help="logit-steering generator (default: the committed SmolLM2 one)")
     ap.add_argument("--no-logit", action="store_true", help="skip the logit-steering rows")
+    ap.add_argument("--qhead", default=None, metavar="PATH",
+                    help="a Q-head (value-steer train-qhead): adds token-mode VFD rows at --token-thresholds")
+    ap.add_argument("--token-thresholds", type=float, nargs="+", default=None,
+                    help="token mode's threshold sweep (default with --qhead: the VFD thresholds)")
     ap.add_argument("--render-only", default=None, metavar="JSON",
                     help="re-render the report of a finished run from its .json (no generation)")
     args = ap.parse_args(argv)
@@ -102,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["ks"] = tuple(args.ks)
     if args.thresholds is not None:
         overrides["thresholds"] = tuple(args.thresholds)
+    if args.qhead is not None:
+        overrides["token_thresholds"] = tuple(args.token_thresholds or args.thresholds or plan.thresholds)
+    elif args.token_thresholds is not None:
+        ap.error("--token-thresholds needs --qhead")
     try:
         plan = EvalPlan(**{**asdict(plan), **overrides})
     except ValueError as exc:
@@ -124,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         head = args.head or str(default_head_path())
         if not os.path.isfile(head):
             ap.error(f"--head: value head not found: {head}")
+        if args.qhead is not None and not os.path.isfile(args.qhead):
+            ap.error(f"--qhead: Q-head not found: {args.qhead} (value-steer train-qhead makes one)")
         vectors = args.vectors or str(default_vectors_dir())
         vector = args.vector or (task.name if task is not None else VECTOR)
         if plan.activation:
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--logit-checkpoint: not found: {logit} (value-steer train-logit makes one; or --no-logit)")
         results = run(plan, model, head, vectors if plan.activation else None,
                       logit_checkpoint=logit if plan.logit_strengths else None, log=lambda s: print(s, flush=True),
-                      task=task, vector=vector, vector_layer=args.vector_layer)
+                      task=task, vector=vector, vector_layer=args.vector_layer, qhead=args.qhead)
         results["command"] = command.strip()
     text = write_report(results, Path(args.out), results["command"])
     print(text)

@@ -36,6 +36,9 @@ class EvalPlan:
     activation: bool = True
     gated_scale: float | None = None
     logit_strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
+    # Token-mode VFD (a Q-head; value_steer.core.qhead): its threshold sweep, run on calibration (one threshold
+    # chosen by the same rule as VFD's) and on test (every threshold, the chosen one marked). Empty: no token rows.
+    token_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("n_cal", "n_test", "max_tokens", "n_boot"):
@@ -45,6 +48,8 @@ class EvalPlan:
             raise ValueError(f"ks must be integers in [1, {MAX_NUM_CANDIDATES}], got {self.ks!r}")
         if not self.thresholds or any(not (0.0 <= t <= 1.0) for t in self.thresholds):
             raise ValueError(f"thresholds must be values in [0, 1], got {self.thresholds!r}")
+        if any(not (0.0 <= t <= 1.0) for t in self.token_thresholds):
+            raise ValueError(f"token_thresholds must be values in [0, 1], got {self.token_thresholds!r}")
         if any(not (0.0 < s <= 4.0) for s in self.logit_strengths):
             raise ValueError(f"logit_strengths must be values in (0, 4], got {self.logit_strengths!r}")
         if not self.max_ppl_increase >= 0:
@@ -90,6 +95,11 @@ def estimate_seconds(plan: EvalPlan, n_scales: int = 4, rates: dict[str, float] 
         n_test_conds += n_scales + 4
     test += len(plan.logit_strengths) * test_tok / r["activation"]  # one fused op per step: near base
     n_test_conds += len(plan.logit_strengths)
+    # Token mode edits logits only: generation near base's rate, on both splits.
+    cal += len(plan.token_thresholds) * cal_tok / r["base"]
+    test += len(plan.token_thresholds) * test_tok / r["base"]
+    n_cal_conds += len(plan.token_thresholds)
+    n_test_conds += len(plan.token_thresholds)
     per_prompt = PROMPT_TOKENS + plan.max_tokens
     rescore = (n_cal_conds * plan.n_cal + n_test_conds * plan.n_test) * per_prompt / r["rescore_prefill"]
     out = {"calibration": cal, "test": test, "rescoring": rescore, "engine_start": 2 * ENGINE_START_S}

@@ -25,7 +25,7 @@ MOONSHOT_MAX_PPL_INCREASE = 0.05
 # How each mode is named in the method column, in report order.
 METHODS = {"base": "base", "vfd": "VFD", "abstain": "abstention", "add": "activation add", "cap": "activation cap",
            "ablate": "activation ablate", "gated_add": "gated add", "vfd_gated_add": "VFD + gated add",
-           "logit": "logit steering"}
+           "logit": "logit steering", "token": "token VFD"}
 # Modes whose sampled logprobs are the unsteered model's (the rescoring check runs on them).
 UNSTEERED_MODES = ("base", "vfd", "abstain")
 
@@ -46,6 +46,9 @@ def _pct(x: float, sign: bool = False) -> str:
 
 
 def _is_chosen(c: dict[str, Any], chosen: dict[str, float]) -> bool:
+    """A VFD row at its K's chosen threshold, or a token-mode row at the token sweep's (``chosen["token"]``)."""
+    if c["mode"] == "token":
+        return chosen.get("token") == c["threshold"]
     return c["mode"] == "vfd" and chosen.get(str(c["k"])) == c["threshold"]
 
 
@@ -265,12 +268,35 @@ def _vectors_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _token_headline(results: dict[str, Any], base: dict[str, Any]) -> str | None:
+    """The token-mode row of the headline: its calibration-chosen threshold on test, with its speed against the
+    chosen exact VFD point (tok/s of the same batch shape)."""
+    t = results.get("chosen_token_threshold")
+    if t is None:
+        return None
+    test = [c for c in results["conditions"] if c["split"] == "test"]
+    tok = next(c for c in test if c["mode"] == "token" and c["threshold"] == t)["metrics"]
+    e = effect(tok, base, results["plan"]["max_ppl_increase"])
+    k0 = str(results["plan"]["ks"][0])
+    vfd = next(c for c in test if c["mode"] == "vfd" and str(c["k"]) == k0
+               and c["threshold"] == results["chosen_thresholds"][k0])["metrics"]
+    base_tps = next(c for c in test if c["mode"] == "base")["metrics"]["tok_per_s"]
+    return (f"\nToken mode (Q-head `{os.path.basename(str(results.get('qhead')))}`), threshold {t:g} chosen on "
+            f"calibration by the same rule: undesirable {tok['undesirable']['value']:.3f} against base "
+            f"{base['undesirable']['value']:.3f}, a {_pct(e['relative_cut'])} cut at "
+            f"{_pct(e['perplexity_increase'], sign=True)} perplexity (target "
+            f"{'met' if e['meets_target'] else 'not met'}); {tok['tok_per_s']:.0f} tok/s against base's "
+            f"{base_tps:.0f} and exact VFD K={k0}'s {vfd['tok_per_s']:.0f} (one batch each).")
+
+
 def write_report(results: dict[str, Any], out: Path, command: str) -> str:
     """Write ``out`` (.md), ``out.with_suffix('.json')`` and the PNGs; returns the markdown."""
     out.parent.mkdir(parents=True, exist_ok=True)
     plan = results["plan"]
     budget = plan["max_ppl_increase"]
     chosen = results["chosen_thresholds"]
+    # The rows marked "(chosen)": each K's VFD threshold and, with token-mode rows, the token sweep's.
+    marked = {**chosen, **({"token": results["chosen_token_threshold"]} if "chosen_token_threshold" in results else {})}
     conds = results["conditions"]
     head = summary(results)
     results["summary"] = head
@@ -328,6 +354,9 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
         md.append(f"| {k} | {s['threshold']:g} | {s['base_undesirable']:.3f} | {s['undesirable']:.3f} | "
                   f"{_pct(s['relative_cut'])} | {_pct(s['perplexity_increase'], sign=True)} | "
                   f"{'yes' if s['meets_target'] else 'no'} |")
+    token_line = _token_headline(results, base["test"])
+    if token_line:
+        md.append(token_line)
     md.append(f"\nTarget: at least a {100 * TARGET_RELATIVE_CUT:.0f}% relative cut at no more than "
               f"+{100 * TARGET_MAX_PPL_INCREASE:.0f}% perplexity.\n")
     best = moon["best_within_ppl"]
@@ -344,7 +373,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
            f"Base perplexity {base_ppl['calibration']:.3f}: the budget is perplexity <= "
            f"{base_ppl['calibration'] * (1 + budget):.3f} (+{100 * budget:.0f}%); rows over it are marked "
            "\"(over)\". Chosen: " + ", ".join(f"K={k} t={t:g}" for k, t in chosen.items()) + ".\n"]
-    md += _table(cal, chosen, base["calibration"], budget, mark_budget=True)
+    md += _table(cal, marked, base["calibration"], budget, mark_budget=True)
     md.append("")
     transfer = threshold_transfer(results)
     results["threshold_transfer"] = transfer
@@ -376,12 +405,12 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
     md += ["## Test split: every method\n",
            "Same prompts, judge, sampling, seeds and token budget for every row; relative cut and perplexity "
            "change against this split's base.\n"]
-    md += _table(test_sorted, chosen, base["test"], budget)
+    md += _table(test_sorted, marked, base["test"], budget)
     md += ["", *FOOTNOTES, ""]
     md.append("## Plots\n")
     md += [f"![{name}]({name})" for name in pngs]
     md.append("\n## Examples (test split, first prompts)\n")
-    shown = [c for c in test_sorted if c["mode"] != "vfd" or _is_chosen(c, chosen)]
+    shown = [c for c in test_sorted if c["mode"] not in ("vfd", "token") or _is_chosen(c, marked)]
     for i in range(min(plan["n_examples"], len(test[0]["examples"]))):
         md.append(f"**Prompt {test[0]['examples'][i]['prompt_id']}**\n")
         for c in shown:

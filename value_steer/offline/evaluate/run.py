@@ -246,14 +246,15 @@ def _gate_trajectories(layer_dir: Path, vectors: SteeringVectors, request_ids: d
 
 def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = None, *,
         logit_checkpoint: str | None = None, log: Callable[[str], None] = print, task: Any = None,
-        vector: str | None = None, vector_layer: int | None = None) -> dict[str, Any]:
+        vector: str | None = None, vector_layer: int | None = None, qhead: str | None = None) -> dict[str, Any]:
     """Run every condition of ``plan``; returns the JSON-ready results. ``vectors_dir``: the steering vectors
     (needed when ``plan.activation``); ``logit_checkpoint``: the logit-steering generator (needed when
     ``plan.logit_strengths``); ``task``: a :func:`~value_steer.offline.tasks.task_file.load_task` task whose prompts
     and judge the run uses (None: the built-in sentiment task; its results then carry no ``task`` entry);
     ``vector``: the activation rows' vector in ``vectors_dir`` (default: the task's name, ``sentiment`` for the
     built-in task; its probe ``<vector>_probe`` when there is one), ``vector_layer``: which of a pairs vector's
-    layers (:func:`~value_steer.offline.evaluate.steering.load_vectors`)."""
+    layers (:func:`~value_steer.offline.evaluate.steering.load_vectors`); ``qhead``: the Q-head of the token-mode
+    rows (needed when ``plan.token_thresholds``)."""
     from value_steer.core.checkpoint import load_value_head
     from value_steer.offline.tasks.task_file import load_task
 
@@ -268,6 +269,8 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
         raise ValueError("plan.activation needs vectors_dir")
     if plan.logit_strengths and logit_checkpoint is None:
         raise ValueError("plan.logit_strengths needs logit_checkpoint")
+    if plan.token_thresholds and qhead is None:
+        raise ValueError("plan.token_thresholds needs qhead")
     if vector is None:
         vector = VECTOR if user_task is None else task.name
     vectors = (load_vectors(vectors_dir, vector, vector_layer) if plan.activation and vectors_dir is not None
@@ -366,6 +369,23 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
     llm.collective_rpc("value_steer_flush_capture")
     del llm  # one engine at a time: the VFD engine's KV cache is freed before the abstention engine starts
 
+    chosen_token = None
+    if plan.token_thresholds:
+        # Token-mode VFD: its own engine (no candidate rows), the same prompts, seeds and selection rule.
+        t0 = time.perf_counter()
+        llm = _engine(model, {"vfd": {"mode": "token", "qhead_path": qhead}}, plan.seed)
+        engine_s += time.perf_counter() - t0
+        sweep = {}
+        for t in plan.token_thresholds:
+            c = Condition(f"token t={t:g}", "calibration", "token", None, t)
+            record(c, splits["calibration"], llm, {"threshold": t})
+            sweep[t] = c.metrics
+        chosen_token = choose_threshold(sweep, base_cal.metrics, plan.max_ppl_increase)
+        log(f"chosen on calibration: token mode threshold {chosen_token:g}")
+        for t in plan.token_thresholds:
+            record(Condition(f"token t={t:g}", "test", "token", None, t), test, llm, {"threshold": t})
+        del llm
+
     abstain_t = float(ckpt.threshold)
     t0 = time.perf_counter()
     llm = _engine(model, {"abstain": {"value_head_path": head_path}}, plan.seed)
@@ -394,6 +414,7 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
                                                  "gated_scale": vectors.gated_scale(plan.gated_scale),
                                                  "worker_residual_norm": residual_norm_at_layer},
         "chosen_thresholds": {str(k): v for k, v in chosen.items()},
+        **({"qhead": qhead, "chosen_token_threshold": chosen_token} if plan.token_thresholds else {}),
         "conditions": [asdict(c) for c in conditions],
         "trajectories": trajectories,
         "gate_trajectories": gates,
