@@ -1,7 +1,11 @@
 """Base vs value-filtered decoding inside vLLM (CPU build), side by side in one run: eager-K, two-phase, auto.
 
 ``python benchmarks/bench_vfd_engine.py [--model DIR] [--rs 1 8 32 64] [--ks 4 8] [--thresholds T ...]
-[--schedules eager two_phase auto] [--write-results]``
+[--schedules eager two_phase auto] [--qhead Q.safetensors] [--write-results]``
+
+With ``--qhead`` (default: the committed Q-head when there is one) token-mode VFD is measured too: an engine with
+``{"vfd": {"mode": "token", "qhead_path": Q}}``, its steered and unsteered batches interleaved the same way (no K:
+one matmul scores every token).
 
 Engines on the same model, one after the other in this process: stock vLLM (``CPUWorker``), then
 ``ValueSteerWorker`` with ``{"vfd": {"num_candidates": max(ks), "schedule": S}}`` for each schedule S (K and
@@ -97,18 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--thresholds", type=float, nargs="+", default=None,
                     help="per-request thresholds (default: the head's served VFD threshold, and 0.5)")
-    ap.add_argument("--schedules", nargs="+", default=["eager", "two_phase", "auto"])
+    ap.add_argument("--schedules", nargs="*", default=["eager", "two_phase", "auto"],
+                    help="exact VFD schedules to measure (none: token mode only)")
     ap.add_argument("--t-short", type=int, default=4)
     ap.add_argument("--t-long", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--block-size", type=int, default=32, help="the CPU backend needs a multiple of 32")
+    ap.add_argument("--qhead", default=None, help="a Q-head: also measure token mode (default: the committed one)")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args(argv)
 
     import torch
 
     from value_steer.core.checkpoint import load_value_head
-    from value_steer.offline.assets import default_head_path
+    from value_steer.offline.assets import default_head_path, default_qhead_path
     from value_steer.offline.models import prepare_smollm2
 
     model = args.model or str(prepare_smollm2())
@@ -132,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     kmax = max(args.ks)
     base_rows = sorted({r for r in args.rs} | {r * k for r in args.rs for k in args.ks})
     t_base: dict[int, float] = {}
-    llm = _llm(model, max(base_rows), args.block_size, None)
+    if not args.schedules:
+        base_rows = []  # stock vLLM is measured for exact VFD's E column only
+    llm = _llm(model, max(base_rows), args.block_size, None) if base_rows else None
     for n in base_rows:
         t_base[n] = step_time(llm, n, args.t_short, args.t_long, None, args.repeats)
         print(f"base   rows={n:4d}  step {t_base[n] * 1e3:8.1f} ms", flush=True)
@@ -165,34 +173,73 @@ def main(argv: list[str] | None = None) -> int:
         del llm
         gc.collect()
 
+    qhead = args.qhead or str(default_qhead_path())
+    token_rows = []
+    if os.path.isfile(qhead):
+        from value_steer.core.qhead import load_qhead
+
+        thresholds = sorted({load_qhead(qhead).threshold, *args.thresholds}, reverse=True)
+        llm = _llm(model, max(args.rs), args.block_size, {"vfd": {"mode": "token", "qhead_path": qhead}})
+        for thr in thresholds:
+            for r in args.rs:
+                before = llm.collective_rpc("value_steer_stats")[0]["counters"]
+                tv, tu = float("inf"), float("inf")
+                for _ in range(args.repeats):
+                    tv = min(tv, step_time(llm, r, args.t_short, args.t_long, {"threshold": thr}, 1))
+                    tu = min(tu, step_time(llm, r, args.t_short, args.t_long, {"value_steer": False}, 1))
+                after = llm.collective_rpc("value_steer_stats")[0]["counters"]
+                changed = (after["interventions"] - before["interventions"]) / max(
+                    after["tokens_scored"] - before["tokens_scored"], 1)
+                token_rows.append({"threshold": thr, "r": r, "t_token": tv, "t_unsteered": tu, "changed": changed})
+                print(f"token t={thr:.2f} R={r:3d}  step {tv * 1e3:8.1f} ms  ratio {tu / tv:.2f}  "
+                      f"changed {changed:.3f}", flush=True)
+        del llm
+        gc.collect()
+
     lines = [
         f"model {os.path.basename(model.rstrip('/'))} fp32, vLLM CPU, {os.cpu_count()} cores, block size "
         f"{args.block_size}, t_step by differencing {args.t_short}->{args.t_long} tokens, min of {args.repeats}; "
         "temperature 0.8, top-p 0.95; the committed head",
-        "",
-        "| schedule | threshold | R | K | unsteered ms (R rows) | VFD ms | VFD/unsteered tok/s | E | interv. | "
-        "2nd fwd | two-phase steps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if rows_out:
+        lines += [
+            "",
+            "| schedule | threshold | R | K | unsteered ms (R rows) | VFD ms | VFD/unsteered tok/s | E | interv. | "
+            "2nd fwd | two-phase steps |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for c in rows_out:
         tb, tv, tbk = c["t_unsteered"], c["t_vfd"], t_base[c["r"] * c["k"]]
         lines.append(f"| {c['schedule']} | {c['threshold']:.2f} | {c['r']} | {c['k']} | {tb * 1e3:.1f} | "
                      f"{tv * 1e3:.1f} | {tb / tv:.2f} | {tbk / tv:.2f} | {c['interv']:.3f} | {c['second']:.2f} | "
                      f"{c['two_phase_share']:.2f} |")
-    lines += ["", "Stock vLLM (no plugin), one engine measured first: "
-              + ", ".join(f"{n} rows {t_base[n] * 1e3:.1f} ms" for n in base_rows) + ".",
-              "", "E = t_base(R*K rows) / t_vfd (stock vLLM for the R*K rows). It can exceed 1 even for eager: the "
-              "base step over R*K rows also runs lm_head and the sampler on every row, a VFD step on its R winners "
-              "only. Two-phase forwards R rows plus the alternatives of the unsafe rows, so its E is well above 1 "
-              "by construction."]
+    if rows_out:
+        lines += ["", "Stock vLLM (no plugin), one engine measured first: "
+                  + ", ".join(f"{n} rows {t_base[n] * 1e3:.1f} ms" for n in base_rows) + ".",
+                  "", "E = t_base(R*K rows) / t_vfd (stock vLLM for the R*K rows). It can exceed 1 even for eager: "
+                  "the base step over R*K rows also runs lm_head and the sampler on every row, a VFD step on its R "
+                  "winners only. Two-phase forwards R rows plus the alternatives of the unsafe rows, so its E is well "
+                  "above 1 by construction."]
+    if token_rows:
+        lines += ["", f"Token-mode VFD (Q-head `{os.path.basename(qhead)}`; no candidate rows: one low-rank matmul "
+                  "over the vocabulary edits each step's logits), steered and unsteered batches interleaved on one "
+                  "engine:", "",
+                  "| threshold | R | unsteered ms | token ms | token/unsteered tok/s | distributions changed |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for c in token_rows:
+            lines.append(f"| {c['threshold']:.2f} | {c['r']} | {c['t_unsteered'] * 1e3:.1f} | "
+                         f"{c['t_token'] * 1e3:.1f} | {c['t_unsteered'] / c['t_token']:.2f} | {c['changed']:.3f} |")
     table = "\n".join(lines)
     print("\n" + table)
     if args.write_results:
         from run_all import git_commit, write_section
 
-        body = (f"## vLLM engine: base vs VFD, eager-K vs two-phase vs auto (CPU)\n\n{datetime.date.today()} · "
-                f"commit {git_commit()} · `python benchmarks/bench_vfd_engine.py`\n\n{table}\n")
-        write_section("vfd-engine-cpu", body)
+        # Token mode alone (no --schedules) is its own section: it leaves the exact VFD measurements as they are.
+        title = ("vLLM engine: base vs VFD, eager-K vs two-phase vs auto (CPU)" if rows_out else
+                 "vLLM engine: token-mode VFD vs unsteered (CPU)")
+        cmd = "python benchmarks/bench_vfd_engine.py" + ("" if argv is None else " " + " ".join(argv))
+        body = f"## {title}\n\n{datetime.date.today()} · commit {git_commit()} · `{cmd}`\n\n{table}\n"
+        write_section("vfd-engine-cpu" if rows_out else "vfd-engine-token-cpu", body)
     return 0
 
 

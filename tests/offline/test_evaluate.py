@@ -337,10 +337,12 @@ def write_stand_in_vectors(directory, hidden_size, layer, probe_layer, seed=0):
 @pytest.mark.slow
 def test_eval_quick_end_to_end(tmp_path):
     pytest.importorskip("vllm")
-    from value_steer.offline.assets import default_vectors_dir
+    from value_steer.offline.assets import default_qhead_path, default_vectors_dir
 
     out = tmp_path / "evaluation.md"
-    argv = [sys.executable, "-m", "value_steer.offline.cli", "eval", "--quick", "--out", str(out)]
+    # The committed Q-head's token-mode rows beside exact VFD.
+    argv = [sys.executable, "-m", "value_steer.offline.cli", "eval", "--quick", "--out", str(out),
+            "--qhead", str(default_qhead_path())]
     if not (default_vectors_dir() / "sentiment.safetensors.meta.json").is_file():
         # Until `value-steer vectors` has committed the real vectors: random stand-ins (SmolLM2: H=576, 30 layers).
         argv += ["--vectors", str(write_stand_in_vectors(tmp_path / "vectors", 576, layer=15, probe_layer=12))]
@@ -353,7 +355,8 @@ def test_eval_quick_end_to_end(tmp_path):
     names = {(c["split"], c["name"]) for c in results["conditions"]}
     assert ("test", "base") in names and ("calibration", "base") in names
     modes = {c["mode"] for c in results["conditions"] if c["split"] == "test"}
-    assert modes == {"base", "vfd", "abstain", "add", "cap", "ablate", "gated_add", "vfd_gated_add", "logit"}
+    assert modes == {"base", "vfd", "abstain", "add", "cap", "ablate", "gated_add", "vfd_gated_add", "logit", "token"}
+    assert results["chosen_token_threshold"] in (0.3, 0.5) and "Token mode (Q-head" in md
     logit = [c for c in results["conditions"] if c["mode"] == "logit"]
     assert [c["scale"] for c in logit] == [1.0]  # QUICK: the committed generator at strength 1
     n_scales = len(results["vectors"]["scales"])

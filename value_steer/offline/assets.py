@@ -27,6 +27,11 @@ def default_head_path() -> Path:
     return Path(str(resources.files("value_steer") / "data" / "heads" / DEFAULT_HEAD))
 
 
+def default_qhead_path() -> Path:
+    """The committed Q-head of the committed value head (``value-steer train-qhead``; token-mode VFD)."""
+    return Path(str(resources.files("value_steer") / "data" / "qheads" / "smollm2-135m-sentiment-q.safetensors"))
+
+
 def default_logit_checkpoint() -> Path:
     """The committed logit-steering generator (``value-steer train-logit``)."""
     return Path(str(resources.files("value_steer") / "data" / "logit" / "smollm2-135m-positive.safetensors"))
