@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         # Token mode alone (no --schedules) is its own section: it leaves the exact VFD measurements as they are.
         title = ("vLLM engine: base vs VFD, eager-K vs two-phase vs auto (CPU)" if rows_out else
                  "vLLM engine: token-mode VFD vs unsteered (CPU)")
-        cmd = "python benchmarks/bench_vfd_engine.py" + ("" if argv is None else " " + " ".join(argv))
+        cmd = " ".join(["python benchmarks/bench_vfd_engine.py", *(sys.argv[1:] if argv is None else argv)])
         body = f"## {title}\n\n{datetime.date.today()} · commit {git_commit()} · `{cmd}`\n\n{table}\n"
         write_section("vfd-engine-cpu" if rows_out else "vfd-engine-token-cpu", body)
     return 0
