@@ -163,7 +163,8 @@ def test_pipeline_makes_a_head_for_a_users_task_and_model(tmp_path, tiny_model_d
     out = tmp_path / "report" / "evaluation-parity.md"
     assert main(["eval", "--quick", "--task", str(path), "--model", str(tiny_model_dir), "--head", str(head),
                  "--vectors", str(vec_dir), "--no-logit", "--n-cal", "8", "--n-test", "8", "--max-tokens", "6",
-                 "--ks", "2", "--thresholds", "0.5", "0.9", "--qhead", str(qpath), "--out", str(out)]) == 0
+                 "--ks", "2", "--thresholds", "0.5", "0.9", "--qhead", str(qpath), "--token-thresholds", "0.5", "0.9",
+                 "--token-betas", "1", "4", "--out", str(out)]) == 0
     md = out.read_text()
     assert md.startswith(f"# Evaluation: value steering of {Path(tiny_model_dir).name} (task parity)")
     assert "- Judge: `parity_judge:judge` (task `parity`" in md
@@ -176,7 +177,10 @@ def test_pipeline_makes_a_head_for_a_users_task_and_model(tmp_path, tiny_model_d
     token = [c for c in results["conditions"] if c["mode"] == "token"]
     want = {(split, t) for split in ("calibration", "test") for t in (0.5, 0.9)}
     assert {(c["split"], c["threshold"]) for c in token} == want
-    assert results["chosen_token_threshold"] in (0.5, 0.9) and "Token mode (Q-head `q.safetensors`)" in md
+    assert results["chosen_token_threshold"] in (0.5, 0.9) and "Token mode (Q-head `q.safetensors`), mask" in md
+    tilt = [c for c in results["conditions"] if c["mode"] == "token_tilt"]
+    assert {(c["split"], c["scale"]) for c in tilt} == {(split, b) for split in ("calibration", "test") for b in (1, 4)}
+    assert results["chosen_token_beta"] in (1.0, 4.0) and "tilt at beta" in md
 
 
 @pytest.mark.vllm

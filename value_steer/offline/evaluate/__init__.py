@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qhead", default=None, metavar="PATH",
                     help="a Q-head (value-steer train-qhead): adds token-mode VFD rows at --token-thresholds")
     ap.add_argument("--token-thresholds", type=float, nargs="+", default=None,
-                    help="token mode's threshold sweep (default with --qhead: the VFD thresholds)")
+                    help="token mode's mask threshold sweep (default with --qhead and no --token-betas: the VFD "
+                    "thresholds)")
+    ap.add_argument("--token-betas", type=float, nargs="+", default=None,
+                    help="token mode's tilt sweep (logits - beta * q, at the Q-head's threshold)")
     ap.add_argument("--render-only", default=None, metavar="JSON",
                     help="re-render the report of a finished run from its .json (no generation)")
     args = ap.parse_args(argv)
@@ -107,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.thresholds is not None:
         overrides["thresholds"] = tuple(args.thresholds)
     if args.qhead is not None:
-        overrides["token_thresholds"] = tuple(args.token_thresholds or args.thresholds or plan.thresholds)
-    elif args.token_thresholds is not None:
-        ap.error("--token-thresholds needs --qhead")
+        if args.token_betas is not None:
+            overrides["token_betas"] = tuple(args.token_betas)
+        if args.token_thresholds is not None or args.token_betas is None:
+            overrides["token_thresholds"] = tuple(args.token_thresholds or args.thresholds or plan.thresholds)
+    elif args.token_thresholds is not None or args.token_betas is not None:
+        ap.error("--token-thresholds / --token-betas need --qhead")
     try:
         plan = EvalPlan(**{**asdict(plan), **overrides})
     except ValueError as exc:

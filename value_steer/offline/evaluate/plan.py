@@ -39,6 +39,8 @@ class EvalPlan:
     # Token-mode VFD (a Q-head; value_steer.core.qhead): its threshold sweep, run on calibration (one threshold
     # chosen by the same rule as VFD's) and on test (every threshold, the chosen one marked). Empty: no token rows.
     token_thresholds: tuple[float, ...] = ()
+    # Token mode's tilt (logits - beta * q) at these betas, at the Q-head's own threshold; chosen the same way.
+    token_betas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("n_cal", "n_test", "max_tokens", "n_boot"):
@@ -48,6 +50,8 @@ class EvalPlan:
             raise ValueError(f"ks must be integers in [1, {MAX_NUM_CANDIDATES}], got {self.ks!r}")
         if not self.thresholds or any(not (0.0 <= t <= 1.0) for t in self.thresholds):
             raise ValueError(f"thresholds must be values in [0, 1], got {self.thresholds!r}")
+        if any(not (0.0 < b <= 100.0) for b in self.token_betas):
+            raise ValueError(f"token_betas must be values in (0, 100], got {self.token_betas!r}")
         if any(not (0.0 <= t <= 1.0) for t in self.token_thresholds):
             raise ValueError(f"token_thresholds must be values in [0, 1], got {self.token_thresholds!r}")
         if any(not (0.0 < s <= 4.0) for s in self.logit_strengths):
@@ -96,10 +100,11 @@ def estimate_seconds(plan: EvalPlan, n_scales: int = 4, rates: dict[str, float] 
     test += len(plan.logit_strengths) * test_tok / r["activation"]  # one fused op per step: near base
     n_test_conds += len(plan.logit_strengths)
     # Token mode edits logits only: generation near base's rate, on both splits.
-    cal += len(plan.token_thresholds) * cal_tok / r["base"]
-    test += len(plan.token_thresholds) * test_tok / r["base"]
-    n_cal_conds += len(plan.token_thresholds)
-    n_test_conds += len(plan.token_thresholds)
+    n_token = len(plan.token_thresholds) + len(plan.token_betas)
+    cal += n_token * cal_tok / r["base"]
+    test += n_token * test_tok / r["base"]
+    n_cal_conds += n_token
+    n_test_conds += n_token
     per_prompt = PROMPT_TOKENS + plan.max_tokens
     rescore = (n_cal_conds * plan.n_cal + n_test_conds * plan.n_test) * per_prompt / r["rescore_prefill"]
     out = {"calibration": cal, "test": test, "rescoring": rescore, "engine_start": 2 * ENGINE_START_S}

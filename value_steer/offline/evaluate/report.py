@@ -25,7 +25,7 @@ MOONSHOT_MAX_PPL_INCREASE = 0.05
 # How each mode is named in the method column, in report order.
 METHODS = {"base": "base", "vfd": "VFD", "abstain": "abstention", "add": "activation add", "cap": "activation cap",
            "ablate": "activation ablate", "gated_add": "gated add", "vfd_gated_add": "VFD + gated add",
-           "logit": "logit steering", "token": "token VFD"}
+           "logit": "logit steering", "token": "token VFD", "token_tilt": "token VFD (tilt)"}
 # Modes whose sampled logprobs are the unsteered model's (the rescoring check runs on them).
 UNSTEERED_MODES = ("base", "vfd", "abstain")
 
@@ -49,6 +49,8 @@ def _is_chosen(c: dict[str, Any], chosen: dict[str, float]) -> bool:
     """A VFD row at its K's chosen threshold, or a token-mode row at the token sweep's (``chosen["token"]``)."""
     if c["mode"] == "token":
         return chosen.get("token") == c["threshold"]
+    if c["mode"] == "token_tilt":
+        return chosen.get("token_tilt") == c["scale"]
     return c["mode"] == "vfd" and chosen.get(str(c["k"])) == c["threshold"]
 
 
@@ -268,25 +270,29 @@ def _vectors_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _token_headline(results: dict[str, Any], base: dict[str, Any]) -> str | None:
-    """The token-mode row of the headline: its calibration-chosen threshold on test, with its speed against the
-    chosen exact VFD point (tok/s of the same batch shape)."""
-    t = results.get("chosen_token_threshold")
-    if t is None:
-        return None
+def _token_headline(results: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """The token-mode lines of the headline: each calibration-chosen point (mask threshold, tilt beta) on test, with
+    its speed against base and the chosen exact VFD point (tok/s of the same batch shape)."""
     test = [c for c in results["conditions"] if c["split"] == "test"]
-    tok = next(c for c in test if c["mode"] == "token" and c["threshold"] == t)["metrics"]
-    e = effect(tok, base, results["plan"]["max_ppl_increase"])
     k0 = str(results["plan"]["ks"][0])
     vfd = next(c for c in test if c["mode"] == "vfd" and str(c["k"]) == k0
                and c["threshold"] == results["chosen_thresholds"][k0])["metrics"]
     base_tps = next(c for c in test if c["mode"] == "base")["metrics"]["tok_per_s"]
-    return (f"\nToken mode (Q-head `{os.path.basename(str(results.get('qhead')))}`), threshold {t:g} chosen on "
-            f"calibration by the same rule: undesirable {tok['undesirable']['value']:.3f} against base "
-            f"{base['undesirable']['value']:.3f}, a {_pct(e['relative_cut'])} cut at "
-            f"{_pct(e['perplexity_increase'], sign=True)} perplexity (target "
-            f"{'met' if e['meets_target'] else 'not met'}); {tok['tok_per_s']:.0f} tok/s against base's "
-            f"{base_tps:.0f} and exact VFD K={k0}'s {vfd['tok_per_s']:.0f} (one batch each).")
+    out = []
+    for mode, key, field, what in (("token", "chosen_token_threshold", "threshold", "mask at threshold"),
+                                   ("token_tilt", "chosen_token_beta", "scale", "tilt at beta")):
+        point = results.get(key)
+        if point is None:
+            continue
+        tok = next(c for c in test if c["mode"] == mode and c[field] == point)["metrics"]
+        e = effect(tok, base, results["plan"]["max_ppl_increase"])
+        out.append(f"\nToken mode (Q-head `{os.path.basename(str(results.get('qhead')))}`), {what} {point:g} chosen "
+                   f"on calibration by the same rule: undesirable {tok['undesirable']['value']:.3f} against base "
+                   f"{base['undesirable']['value']:.3f}, a {_pct(e['relative_cut'])} cut at "
+                   f"{_pct(e['perplexity_increase'], sign=True)} perplexity (target "
+                   f"{'met' if e['meets_target'] else 'not met'}); {tok['tok_per_s']:.0f} tok/s against base's "
+                   f"{base_tps:.0f} and exact VFD K={k0}'s {vfd['tok_per_s']:.0f} (one batch each).")
+    return out
 
 
 def write_report(results: dict[str, Any], out: Path, command: str) -> str:
@@ -296,7 +302,8 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
     budget = plan["max_ppl_increase"]
     chosen = results["chosen_thresholds"]
     # The rows marked "(chosen)": each K's VFD threshold and, with token-mode rows, the token sweep's.
-    marked = {**chosen, **({"token": results["chosen_token_threshold"]} if "chosen_token_threshold" in results else {})}
+    marked = {**chosen, **({"token": results["chosen_token_threshold"]} if "chosen_token_threshold" in results else {}),
+              **({"token_tilt": results["chosen_token_beta"]} if "chosen_token_beta" in results else {})}
     conds = results["conditions"]
     head = summary(results)
     results["summary"] = head
@@ -354,9 +361,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
         md.append(f"| {k} | {s['threshold']:g} | {s['base_undesirable']:.3f} | {s['undesirable']:.3f} | "
                   f"{_pct(s['relative_cut'])} | {_pct(s['perplexity_increase'], sign=True)} | "
                   f"{'yes' if s['meets_target'] else 'no'} |")
-    token_line = _token_headline(results, base["test"])
-    if token_line:
-        md.append(token_line)
+    md += _token_headline(results, base["test"])
     md.append(f"\nTarget: at least a {100 * TARGET_RELATIVE_CUT:.0f}% relative cut at no more than "
               f"+{100 * TARGET_MAX_PPL_INCREASE:.0f}% perplexity.\n")
     best = moon["best_within_ppl"]
@@ -410,7 +415,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> str:
     md.append("## Plots\n")
     md += [f"![{name}]({name})" for name in pngs]
     md.append("\n## Examples (test split, first prompts)\n")
-    shown = [c for c in test_sorted if c["mode"] not in ("vfd", "token") or _is_chosen(c, marked)]
+    shown = [c for c in test_sorted if c["mode"] not in ("vfd", "token", "token_tilt") or _is_chosen(c, marked)]
     for i in range(min(plan["n_examples"], len(test[0]["examples"]))):
         md.append(f"**Prompt {test[0]['examples'][i]['prompt_id']}**\n")
         for c in shown:

@@ -269,8 +269,8 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
         raise ValueError("plan.activation needs vectors_dir")
     if plan.logit_strengths and logit_checkpoint is None:
         raise ValueError("plan.logit_strengths needs logit_checkpoint")
-    if plan.token_thresholds and qhead is None:
-        raise ValueError("plan.token_thresholds needs qhead")
+    if (plan.token_thresholds or plan.token_betas) and qhead is None:
+        raise ValueError("plan.token_thresholds / token_betas need qhead")
     if vector is None:
         vector = VECTOR if user_task is None else task.name
     vectors = (load_vectors(vectors_dir, vector, vector_layer) if plan.activation and vectors_dir is not None
@@ -369,21 +369,33 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
     llm.collective_rpc("value_steer_flush_capture")
     del llm  # one engine at a time: the VFD engine's KV cache is freed before the abstention engine starts
 
-    chosen_token = None
-    if plan.token_thresholds:
+    chosen_token = chosen_tilt = None
+    if plan.token_thresholds or plan.token_betas:
         # Token-mode VFD: its own engine (no candidate rows), the same prompts, seeds and selection rule.
         t0 = time.perf_counter()
         llm = _engine(model, {"vfd": {"mode": "token", "qhead_path": qhead}}, plan.seed)
         engine_s += time.perf_counter() - t0
-        sweep = {}
-        for t in plan.token_thresholds:
-            c = Condition(f"token t={t:g}", "calibration", "token", None, t)
-            record(c, splits["calibration"], llm, {"threshold": t})
-            sweep[t] = c.metrics
-        chosen_token = choose_threshold(sweep, base_cal.metrics, plan.max_ppl_increase)
-        log(f"chosen on calibration: token mode threshold {chosen_token:g}")
+        if plan.token_thresholds:
+            sweep = {}
+            for t in plan.token_thresholds:
+                c = Condition(f"token t={t:g}", "calibration", "token", None, t)
+                record(c, splits["calibration"], llm, {"threshold": t})
+                sweep[t] = c.metrics
+            chosen_token = choose_threshold(sweep, base_cal.metrics, plan.max_ppl_increase)
+            log(f"chosen on calibration: token mode threshold {chosen_token:g}")
+        if plan.token_betas:
+            # Keyed by -beta: the rule's tie-break (the higher key intervenes less) then prefers the smaller tilt.
+            sweep = {}
+            for b in plan.token_betas:
+                c = Condition(f"token tilt b={b:g}", "calibration", "token_tilt", scale=b)
+                record(c, splits["calibration"], llm, {"token_beta": b})
+                sweep[-b] = c.metrics
+            chosen_tilt = -choose_threshold(sweep, base_cal.metrics, plan.max_ppl_increase)
+            log(f"chosen on calibration: token mode tilt beta {chosen_tilt:g}")
         for t in plan.token_thresholds:
             record(Condition(f"token t={t:g}", "test", "token", None, t), test, llm, {"threshold": t})
+        for b in plan.token_betas:
+            record(Condition(f"token tilt b={b:g}", "test", "token_tilt", scale=b), test, llm, {"token_beta": b})
         del llm
 
     abstain_t = float(ckpt.threshold)
@@ -414,7 +426,9 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
                                                  "gated_scale": vectors.gated_scale(plan.gated_scale),
                                                  "worker_residual_norm": residual_norm_at_layer},
         "chosen_thresholds": {str(k): v for k, v in chosen.items()},
-        **({"qhead": qhead, "chosen_token_threshold": chosen_token} if plan.token_thresholds else {}),
+        **({"qhead": qhead} if qhead is not None and (plan.token_thresholds or plan.token_betas) else {}),
+        **({"chosen_token_threshold": chosen_token} if plan.token_thresholds else {}),
+        **({"chosen_token_beta": chosen_tilt} if plan.token_betas else {}),
         "conditions": [asdict(c) for c in conditions],
         "trajectories": trajectories,
         "gate_trajectories": gates,
