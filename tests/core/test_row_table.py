@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from value_steer.core.modes import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_VFD, MODES
+from value_steer.core.modes import DIRECTION_SIGN, MODE_ABSTAIN, MODE_OFF, MODE_TOKEN, MODE_VFD, MODES
 from value_steer.core.row_table import RowTable
 
 
 def test_constants() -> None:
-    assert MODES == {"off": 0, "abstain": 1, "vfd": 2}
-    assert (MODE_OFF, MODE_ABSTAIN, MODE_VFD) == (0, 1, 2)
+    assert MODES == {"off": 0, "abstain": 1, "vfd": 2, "token": 3}
+    assert (MODE_OFF, MODE_ABSTAIN, MODE_VFD, MODE_TOKEN) == (0, 1, 2, 3)
     assert DIRECTION_SIGN == {"above": 1.0, "below": -1.0}
 
 
@@ -51,7 +51,7 @@ def test_row_out_of_range_or_zero(row: int) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"mode": 3}, "mode"),
+        ({"mode": 4}, "mode"),
         ({"mode": -1}, "mode"),
         ({"sign": 0.0}, "sign"),
         ({"sign": 2.0}, "sign"),

@@ -156,6 +156,37 @@ def sidecar_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path) + SIDECAR_SUFFIX
 
 
+def read_strict_sidecar(path: str, *, fmt: str, keys: tuple[str, ...], required: tuple[str, ...], what: str,
+                        err: type[CheckpointError]) -> dict[str, Any]:
+    """The JSON sidecar of the weights file ``path``: present, a JSON object holding only ``keys`` and all of
+    ``required``, with ``format == fmt``, and (when present) ``training`` a JSON object and ``command`` a string or
+    null. Raises ``err`` naming the sidecar and the field; ``what`` says what needs it (for the missing-file case).
+    The checkpoint formats of logit steering and the Q-head share it; each checks its own fields after."""
+    side = sidecar_path(path)
+    if not os.path.isfile(side):
+        raise err(f"{path}: no sidecar {side} (it holds {', '.join(required[1:])}; {what} needs it)")
+    try:
+        with open(side, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise err(f"{side}: sidecar is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise err(f"{side}: the sidecar must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise err(f"{side}: unknown key(s) {unknown}; allowed: {list(keys)}")
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise err(f"{side}: missing key(s) {missing}; required: {list(required)}")
+    if raw["format"] != fmt:
+        raise err(f"{side}: format must be {fmt!r}, got {raw['format']!r}")
+    if not isinstance(raw.get("training", {}), dict):
+        raise err(f"{side}: training must be a JSON object")
+    if raw.get("command") is not None and not isinstance(raw["command"], str):
+        raise err(f"{side}: command must be a string or null")
+    return raw
+
+
 def _check_threshold(value: Any, where: str) -> float | None:
     if value is None:
         return None

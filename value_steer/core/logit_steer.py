@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from value_steer.core.checkpoint import CheckpointError, sidecar_path
+from value_steer.core.checkpoint import CheckpointError, read_strict_sidecar, sidecar_path
 
 FORMAT = "value_steer.logit_steer/v1"
 TENSOR_KEYS: tuple[str, ...] = ("w_down", "pos", "w_up", "gate_w1", "gate_b1", "gate_w2", "gate_b2")
@@ -220,32 +220,12 @@ def _check_pos_int(value: Any, where: str) -> int:
 
 
 def _read_sidecar(path: str) -> dict[str, Any]:
+    raw = read_strict_sidecar(path, fmt=FORMAT, keys=SIDECAR_KEYS, required=_REQUIRED_SIDECAR_KEYS,
+                              what="a logit-steering checkpoint", err=LogitSteerCheckpointError)
     side = sidecar_path(path)
-    if not os.path.isfile(side):
-        raise LogitSteerCheckpointError(f"{path}: no sidecar {side} (it holds hidden_size, vocab_size, rank, "
-                                        "gate_hidden and max_strength; a logit-steering checkpoint needs it)")
-    try:
-        with open(side, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LogitSteerCheckpointError(f"{side}: sidecar is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise LogitSteerCheckpointError(f"{side}: the sidecar must be a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SIDECAR_KEYS))
-    if unknown:
-        raise LogitSteerCheckpointError(f"{side}: unknown key(s) {unknown}; allowed: {list(SIDECAR_KEYS)}")
-    missing = [k for k in _REQUIRED_SIDECAR_KEYS if k not in raw]
-    if missing:
-        raise LogitSteerCheckpointError(f"{side}: missing key(s) {missing}; required: {list(_REQUIRED_SIDECAR_KEYS)}")
-    if raw["format"] != FORMAT:
-        raise LogitSteerCheckpointError(f"{side}: format must be {FORMAT!r}, got {raw['format']!r}")
     for key in ("hidden_size", "vocab_size", "rank", "gate_hidden"):
         _check_pos_int(raw[key], f"{side}: {key}")
     _check_max_strength(raw["max_strength"], f"{side}: max_strength", LogitSteerCheckpointError)
-    if not isinstance(raw.get("training", {}), dict):
-        raise LogitSteerCheckpointError(f"{side}: training must be a JSON object")
-    if raw.get("command") is not None and not isinstance(raw["command"], str):
-        raise LogitSteerCheckpointError(f"{side}: command must be a string or null")
     return raw
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from value_steer.core.checkpoint import CheckpointError, sidecar_path
+from value_steer.core.checkpoint import CheckpointError, read_strict_sidecar, sidecar_path
 from value_steer.core.modes import DIRECTION_SIGN
 
 FORMAT = "value_steer.qhead/v1"
@@ -156,25 +156,9 @@ def _check_int(raw: Mapping[str, Any], key: str, where: str) -> int:
 
 
 def _read_sidecar(path: str) -> dict[str, Any]:
+    raw = read_strict_sidecar(path, fmt=FORMAT, keys=SIDECAR_KEYS, required=_REQUIRED, what="a Q-head",
+                              err=QHeadCheckpointError)
     side = sidecar_path(path)
-    if not os.path.isfile(side):
-        raise QHeadCheckpointError(f"{path}: no sidecar {side} (it holds hidden_size, vocab_size, rank, threshold "
-                                   "and direction; a Q-head needs it)")
-    try:
-        with open(side, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise QHeadCheckpointError(f"{side}: sidecar is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise QHeadCheckpointError(f"{side}: the sidecar must be a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SIDECAR_KEYS))
-    if unknown:
-        raise QHeadCheckpointError(f"{side}: unknown key(s) {unknown}; allowed: {list(SIDECAR_KEYS)}")
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        raise QHeadCheckpointError(f"{side}: missing key(s) {missing}; required: {list(_REQUIRED)}")
-    if raw["format"] != FORMAT:
-        raise QHeadCheckpointError(f"{side}: format must be {FORMAT!r}, got {raw['format']!r}")
     for key in ("hidden_size", "vocab_size", "rank"):
         _check_int(raw, key, side)
     t = raw["threshold"]
@@ -183,10 +167,6 @@ def _read_sidecar(path: str) -> dict[str, Any]:
     if raw["direction"] not in DIRECTION_SIGN:
         raise QHeadCheckpointError(f"{side}: direction must be one of {sorted(DIRECTION_SIGN)}, got "
                                    f"{raw['direction']!r}")
-    if not isinstance(raw.get("training", {}), dict):
-        raise QHeadCheckpointError(f"{side}: training must be a JSON object")
-    if raw.get("command") is not None and not isinstance(raw["command"], str):
-        raise QHeadCheckpointError(f"{side}: command must be a string or null")
     return raw
 
 
