@@ -110,6 +110,14 @@ def test_serve_answers_with_the_committed_head(tmp_path):
             proc.kill()
 
 
+def test_serve_argv_token_mode():
+    argv = serve_argv("/m", "/h.safetensors", "token", 4, "127.0.0.1", 8000, None, [], qhead="/q.safetensors")
+    cfg = json.loads(argv[argv.index("--additional-config") + 1])
+    assert cfg == {"vfd": {"mode": "token", "qhead_path": "/q.safetensors"}}
+    argv = serve_argv("/m", "/h.safetensors", "token", 4, "127.0.0.1", 8000, 0.7, [], qhead="/q.safetensors")
+    assert json.loads(argv[argv.index("--additional-config") + 1])["vfd"]["threshold"] == 0.7
+
+
 def test_serve_argv_adds_the_steering_section():
     argv = serve_argv("/m", "/h.safetensors", "vfd", 4, "127.0.0.1", 8000, None, [], {"vectors": "/v"})
     cfg = json.loads(argv[argv.index("--additional-config") + 1])

@@ -27,6 +27,7 @@ from value_steer.offline.assets import (
     TOP_P,
     default_head_path,
     default_logit_checkpoint,
+    default_qhead_path,
     default_vectors_dir,
     vllm_cpu_env,
 )
@@ -47,16 +48,19 @@ def vfd_operating_threshold(head: str) -> float | None:
 
 def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str, port: int,
                threshold: float | None, extra: list[str], steering: dict | None = None,
-               logit_steering: dict | None = None) -> list[str]:
+               logit_steering: dict | None = None, qhead: str | None = None) -> list[str]:
     """``vllm serve`` arguments: the model is served under its folder's name (``SmolLM2-135M-Instruct`` for
     the default), not its path, unless ``extra`` names one (``--served-model-name``). ``steering``: the
-    activation-steering section, ``logit_steering`` the logit-steering one (None: none)."""
+    activation-steering section, ``logit_steering`` the logit-steering one (None: none). ``mode`` ``token``:
+    token-mode VFD with the Q-head ``qhead`` (``head`` unused)."""
     section: dict = {"value_head_path": head}
     if mode == "vfd":
         section["num_candidates"] = num_candidates
+    if mode == "token":
+        section = {"mode": "token", "qhead_path": qhead}
     if threshold is not None:
         section["threshold"] = threshold
-    config: dict = {mode: section}
+    config: dict = {"vfd" if mode == "token" else mode: section}
     if steering is not None:
         config["steering"] = steering
     if logit_steering is not None:
@@ -86,6 +90,11 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     threshold = args.threshold
     if threshold is None and args.mode == "vfd":
         threshold = vfd_operating_threshold(head)
+    qhead = None
+    if args.mode == "token":
+        qhead = args.qhead or str(default_qhead_path())
+        if not os.path.isfile(qhead):
+            raise SystemExit(f"value-steer serve: --qhead: Q-head not found: {qhead} (value-steer train-qhead)")
     # The committed vectors and generator are SmolLM2's: with another --model they are preloaded only when named.
     own_model = args.model is None
     steering = None
@@ -104,7 +113,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
             raise SystemExit(f"value-steer serve: --generator: not found: {args.generator}")
         logit = {"checkpoint": str(checkpoint)} if checkpoint is not None and checkpoint.is_file() else None
     argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, threshold, extra,
-                      steering, logit)
+                      steering, logit, qhead)
     env = {**vllm_cpu_env("serve", in_process=False), **os.environ}
     print("value-steer serve: python -m value_steer.serving.launcher " + " ".join(argv), flush=True)
     os.execvpe(sys.executable, [sys.executable, "-m", "value_steer.serving.launcher", *argv], env)
@@ -208,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steering vectors to preload (default: the committed SmolLM2 ones, with the default model)")
     s.add_argument("--generator", default=None, metavar="PATH",
                    help="logit-steering generator (default: the committed SmolLM2 one, with the default model)")
-    s.add_argument("--mode", choices=["vfd", "abstain"], default="vfd")
+    s.add_argument("--mode", choices=["vfd", "abstain", "token"], default="vfd",
+                   help="vfd (exact), abstain, or token (token-mode VFD with --qhead)")
+    s.add_argument("--qhead", default=None, help="token mode's Q-head (default: the committed SmolLM2 one)")
     s.add_argument("--num-candidates", type=int, default=4)
     s.add_argument("--threshold", type=float, default=None,
                    help="default: vfd: the sidecar's recorded VFD operating point, else its conformal threshold")
