@@ -218,14 +218,25 @@ def _runtime(results: dict[str, Any]) -> str:
 
 def _shown_path(path: str) -> str:
     """``path`` relative to the source checkout when it lies inside it (the committed data), else as given: the
-    report is committed, so it should not carry this machine's absolute paths."""
+    report is committed, so it should not carry this machine's absolute paths. A result file written in another
+    checkout (its absolute paths name that one) shows the longest trailing part that exists in this checkout, so a
+    re-render gives the same report wherever the repository lives."""
     from value_steer.offline.data_dir import repo_root
 
     root = repo_root()
-    try:
-        return str(Path(path).resolve().relative_to(root)) if root is not None else path
-    except ValueError:
+    if root is None:
         return path
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(root))
+    except ValueError:
+        pass
+    if p.is_absolute():
+        parts = p.parts[1:]
+        for i in range(len(parts)):
+            if (root / Path(*parts[i:])).exists():
+                return str(Path(*parts[i:]))
+    return path
 
 
 def _pairs_vector_line(v: dict[str, Any], name: str) -> str:
