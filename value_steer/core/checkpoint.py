@@ -156,6 +156,19 @@ def sidecar_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path) + SIDECAR_SUFFIX
 
 
+def check_sidecar_keys(raw: Any, where: str, keys: tuple[str, ...], required: tuple[str, ...],
+                       err: type[CheckpointError]) -> None:
+    """``raw`` is a JSON object holding only ``keys`` and all of ``required``; else ``err`` naming ``where``."""
+    if not isinstance(raw, dict):
+        raise err(f"{where}: the sidecar must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise err(f"{where}: unknown key(s) {unknown}; allowed: {list(keys)}")
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise err(f"{where}: missing key(s) {missing}; required: {list(required)}")
+
+
 def read_strict_sidecar(path: str, *, fmt: str, keys: tuple[str, ...], required: tuple[str, ...], what: str,
                         err: type[CheckpointError]) -> dict[str, Any]:
     """The JSON sidecar of the weights file ``path``: present, a JSON object holding only ``keys`` and all of
@@ -170,14 +183,7 @@ def read_strict_sidecar(path: str, *, fmt: str, keys: tuple[str, ...], required:
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise err(f"{side}: sidecar is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise err(f"{side}: the sidecar must be a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(keys))
-    if unknown:
-        raise err(f"{side}: unknown key(s) {unknown}; allowed: {list(keys)}")
-    missing = [k for k in required if k not in raw]
-    if missing:
-        raise err(f"{side}: missing key(s) {missing}; required: {list(required)}")
+    check_sidecar_keys(raw, side, keys, required, err)
     if raw["format"] != fmt:
         raise err(f"{side}: format must be {fmt!r}, got {raw['format']!r}")
     if not isinstance(raw.get("training", {}), dict):
@@ -211,14 +217,7 @@ def _check_json_object(value: Any, where: str, *, nullable: bool) -> dict[str, A
 
 
 def _parse_sidecar(raw: Any, where: str) -> tuple[FeatureSpec, float | None, dict[str, Any], dict[str, Any] | None]:
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{where}: the sidecar must be a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SIDECAR_KEYS))
-    if unknown:
-        raise CheckpointError(f"{where}: unknown key(s) {unknown}; allowed: {list(SIDECAR_KEYS)}")
-    missing = [k for k in _REQUIRED_SIDECAR_KEYS if k not in raw]
-    if missing:
-        raise CheckpointError(f"{where}: missing key(s) {missing}; required: {list(_REQUIRED_SIDECAR_KEYS)}")
+    check_sidecar_keys(raw, where, SIDECAR_KEYS, _REQUIRED_SIDECAR_KEYS, CheckpointError)
     spec = FeatureSpec.from_dict(raw["feature_spec"], f"{where}: feature_spec")
     threshold = _check_threshold(raw["threshold"], f"{where}: threshold")
     meta = _check_json_object(raw["meta"], f"{where}: meta", nullable=False)
