@@ -93,7 +93,13 @@ def _tradeoff(results: dict[str, Any], path: Path) -> str:
     ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.tick_params(axis="x", which="minor", labelsize=6)
     return _save(fig, ax, "perplexity under the unsteered model (test split, log scale)",
-                 "undesirable rate (VADER negative)", 7, path, outside=True)
+                 _undesirable_label(results), 7, path, outside=True)
+
+
+def _undesirable_label(results: dict[str, Any]) -> str:
+    """The undesirable-rate axis, named by the run's judge (a user task's, else the built-in VADER one)."""
+    task = results.get("task")
+    return "undesirable rate (VADER negative)" if task is None else f"undesirable rate (task {task['name']})"
 
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:
@@ -107,7 +113,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     stem = out.stem
     names = [_tradeoff(results, out.parent / f"{stem}-tradeoff.png")]
     conds = results["conditions"]
-    for metric, label, fname in (("undesirable", "undesirable rate (VADER negative)", "undesirable"),
+    for metric, label, fname in (("undesirable", _undesirable_label(results), "undesirable"),
                                  ("perplexity", "perplexity under the unsteered model", "perplexity")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for split, style in (("test", "-o"), ("calibration", "--s")):
