@@ -769,7 +769,7 @@ class VFDRunnerMixin:
         kmax = self._vfd_k
         s = int(rows_t.shape[0])
         h0 = hidden.view(s, kmax, -1)[:, 0]
-        v0 = st.values(h0)
+        v0 = st.values(h0, rows_t)
         values = torch.full((s, kmax), float("nan"), dtype=v0.dtype, device=v0.device)
         values[:, 0] = v0
         rt = st.rows
@@ -801,7 +801,8 @@ class VFDRunnerMixin:
         self._vfd_schedule.counters["second_forwards"] += 1
         self._vfd_schedule.counters["second_forward_rows"] += int(parent.size)
         hidden = hidden.index_copy(0, dest_d, hidden_alt.to(hidden.dtype))
-        values.view(-1).index_copy_(0, dest_d, st.values(hidden_alt))
+        alt_rows = rows_t.repeat_interleave(kmax).index_select(0, dest_d)  # each alternative's request row
+        values.view(-1).index_copy_(0, dest_d, st.values(hidden_alt, alt_rows))
         return None, torch.where(unsafe, nvalid, torch.ones_like(nvalid)), hidden, values
 
     # ---- the per-step decision --------------------------------------------------------------------------
@@ -860,7 +861,7 @@ class VFDRunnerMixin:
                 elif won is not None:
                     st.stats.record(s_rows_t, won.value, won.intervened, eos_forced=False)
             else:
-                val_s = st.values(hid_s).view(n_steady, kmax)
+                val_s = st.values(hid_s, s_rows_t.repeat_interleave(kmax)).view(n_steady, kmax)
             tok_parts.append(tok_s)
             nv_parts.append(nv_s)
             hid_parts.append(hid_s)
@@ -871,7 +872,7 @@ class VFDRunnerMixin:
             nv_parts.append(nv_f)
             drawn_nv.append(nv_f)
             hid_parts.append(hid_f)
-            val_parts.append(st.values(hid_f).view(-1, kmax))
+            val_parts.append(st.values(hid_f, rows_t[n_steady:].repeat_interleave(kmax)).view(-1, kmax))
             lp_of.update({n_steady + j: info for j, info in enumerate(f_lp) if info is not None})
         tokens = torch.cat(tok_parts) if len(tok_parts) > 1 else tok_parts[0]
         nvalid = torch.minimum(torch.cat(nv_parts) if len(nv_parts) > 1 else nv_parts[0], k_r)

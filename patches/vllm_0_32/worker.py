@@ -228,15 +228,28 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
         if mode is not None and mode.has_full_cudagraphs() and cc.cudagraph_capture_sizes:
             problems.append(f"cudagraph_mode {mode.name}: vfd cannot run in full CUDA graphs (its candidate "
                             f"rows change the decode batch); {_FIX_GRAPHS}")
+    if cfg.heads:
+        # Before any engine starts: every value head must fit this model's hidden size (each file is small).
+        from value_steer.core.checkpoint import load_value_head
+        from value_steer.core.config import SINGLE_HEAD_NAME
+
+        for head in cfg.heads:
+            field = (f"{cfg.section}.value_head_path" if len(cfg.heads) == 1 and head.name == SINGLE_HEAD_NAME
+                     else f"{cfg.section}.heads.{head.name}")
+            try:
+                load_value_head(head.path, hidden_size=model_hidden_size(vllm_config))
+            except (OSError, ValueError) as exc:
+                problems.append(f"{field}: {exc}")
     if cfg.logit_steering is not None:
         # Before any engine starts: the generator must fit this model (its file is small; loading it checks all).
         from value_steer.core.logit_steer import load_logit_steer
 
-        try:
-            load_logit_steer(cfg.logit_steering.checkpoint, hidden_size=model_hidden_size(vllm_config),
-                             vocab_size=model_vocab_size(vllm_config))
-        except (OSError, ValueError) as exc:
-            problems.append(f"logit_steering.checkpoint: {exc}")
+        for gen in cfg.logit_steering.generators:
+            try:
+                load_logit_steer(gen.checkpoint, hidden_size=model_hidden_size(vllm_config),
+                                 vocab_size=model_vocab_size(vllm_config))
+            except (OSError, ValueError) as exc:
+                problems.append(f"{gen.field}: {exc}")
     if cfg.qhead_path is not None:
         # Token mode: the Q-head must fit this model's hidden size and logits.
         from value_steer.core.qhead import load_qhead

@@ -380,3 +380,69 @@ def test_token_mode_config_errors_name_the_field(sec, match):
 def test_beta_is_refused_outside_token_mode(head_file):
     with pytest.raises(RequestArgError, match="token_beta is only valid when the server runs vfd in token mode"):
         parse_request_args({"token_beta": 1.0}, _cfg(head_file), 0.5)
+
+
+# ---------------------------------------------------------------- several named value heads
+
+
+def test_named_heads_resolve_each_operating_point(head_file, tmp_path):
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"x")
+    cfg = parse_additional_config({"vfd": {"heads": {"sentiment": {"path": head_file, "threshold": 0.6},
+                                                     "prices": {"path": str(other), "direction": "below"}},
+                                           "default_head": "prices"}})
+    assert [h.name for h in cfg.heads] == ["sentiment", "prices"] and cfg.default_head == 1
+    assert cfg.value_head_path == str(other) and cfg.direction == "below" and cfg.threshold is None
+    assert cfg.heads[0].threshold == 0.6 and cfg.heads[0].sign == 1.0 and cfg.heads[1].sign == -1.0
+    r = parse_request_args({}, cfg, 0.5, head_thresholds=[0.6, 0.3])
+    assert (r.head, r.threshold, r.sign) == (1, 0.3, -1.0)
+    r = parse_request_args({"head": "sentiment"}, cfg, 0.5, head_thresholds=[0.6, 0.3])
+    assert (r.head, r.threshold, r.sign) == (0, 0.6, 1.0)
+    r = parse_request_args({"head": "sentiment", "threshold": 0.9}, cfg, 0.5, head_thresholds=[0.6, 0.3])
+    assert (r.head, r.threshold) == (0, 0.9)
+
+
+def test_single_path_form_is_one_head_named_default(head_file):
+    cfg = parse_additional_config({"abstain": {"value_head_path": head_file, "threshold": 0.2}})
+    assert [(h.name, h.path, h.threshold) for h in cfg.heads] == [("default", head_file, 0.2)]
+    assert parse_request_args({"head": "default"}, cfg, 0.2).head == 0
+
+
+def test_unknown_head_is_refused_naming_the_known_ones(head_file):
+    cfg = parse_additional_config({"abstain": {"heads": {"a": {"path": head_file}, "b": {"path": head_file}},
+                                               "default_head": "a"}})
+    for bad in ("c", "", 3, ["a"], "A"):
+        with pytest.raises(RequestArgError, match=r"head must be one of \['a', 'b'\]"):
+            parse_request_args({"head": bad}, cfg, 0.5)
+    off = parse_additional_config({})
+    with pytest.raises(RequestArgError, match="head: this server has no value heads"):
+        parse_request_args({"head": "a"}, off, 0.5)
+
+
+@pytest.mark.parametrize(("sec", "msg"), [
+    ({"heads": {}}, r"vfd\.heads must be a non-empty JSON object"),
+    ({"heads": []}, r"vfd\.heads must be a non-empty JSON object"),
+    ({"heads": {"a": {"path": "H"}, "b": {"path": "H"}}}, r"vfd\.default_head is required with several heads; one "
+                                                          r"of \['a', 'b'\]"),
+    ({"heads": {"a": {"path": "H"}}, "default_head": "z"}, r"vfd\.default_head must be one of \['a'\]"),
+    ({"heads": {"a": {"path": "H"}}, "threshold": 0.3}, r"vfd\.threshold cannot be given beside vfd\.heads"),
+    ({"heads": {"a": {"path": "H"}}, "value_head_path": "H"}, r"vfd\.value_head_path cannot be given beside"),
+    ({"heads": {"a": {"path": "H", "thresh": 1}}}, r"vfd\.heads\.a: unknown key\(s\) \['thresh'\]"),
+    ({"heads": {"a": {"threshold": 0.3}}}, r"vfd\.heads\.a\.path is required"),
+    ({"heads": {"a": {"path": "H", "threshold": 2}}}, r"vfd\.heads\.a\.threshold must be a number in \[0, 1\]"),
+    ({"heads": {"a": {"path": "H", "direction": "up"}}}, r"vfd\.heads\.a\.direction must be one of"),
+    ({"heads": {"a": {"path": "/nonexistent/x.safetensors"}}}, r"vfd\.heads\.a\.path: no such file"),
+    ({"heads": {"a b": {"path": "H"}}}, r"vfd\.heads: head name 'a b' must be"),
+    ({"heads": {"a": "H"}}, r"vfd\.heads\.a must be a JSON object"),
+    ({"value_head_path": "H", "default_head": "a"}, r"vfd\.default_head needs vfd\.heads"),
+    ({"heads": {f"h{i}": {"path": "H"} for i in range(17)}, "default_head": "h0"}, r"vfd\.heads: at most 16"),
+    ({"mode": "token", "qhead_path": "H", "heads": {"a": {"path": "H"}}}, r"vfd\.heads is not used in token mode"),
+])
+def test_bad_heads_config_names_the_field(head_file, sec, msg):
+    def fill(x):
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        return head_file if x == "H" else x
+
+    with pytest.raises(ConfigError, match=msg):
+        parse_additional_config({"vfd": fill(sec)})

@@ -91,7 +91,7 @@ def test_logit_rows_are_their_own_and_steer_like_the_reference(gen_path, tmp_pat
     st.update_batch(["c", "b", "d"])
     st.flush()
     assert d.logit_row == 1 and st.stats_for("d")["logit_steering"] == {
-        "strength": 1.0, "num_steered": 0, "mean_gate_strength": None, "max_gate_strength": None}
+        "strength": 1.0, "generator": "default", "num_steered": 0, "mean_gate_strength": None, "max_gate_strength": None}
 
 
 def test_batch_without_logit_requests_skips_the_op(gen_path):
@@ -141,3 +141,48 @@ def test_steady_step_budget(gen_path, sync_counter):
     with sync_counter() as c:
         st.steer_logits(hidden, logits, skip=np.array([True, False]))
     assert c.blocking == 0 and c.counts["h2d"] == 1, c.log
+
+
+def test_several_generators_steer_each_row_by_its_own(gen_path, tmp_path, sync_counter):
+    """Named generators: a request picks one by ``generator``; in a mixed batch each row equals its own generator's
+    reference, the unsteered row is bitwise, the stats name the generator; a steady step still copies nothing."""
+    torch.manual_seed(1)
+    other = LogitSteerGenerator(H, V, rank=3, gate_hidden=2, max_strength=2.0)
+    with torch.no_grad():
+        other.w_up.normal_()
+    other_path = str(tmp_path / "other.safetensors")
+    save_logit_steer(other_path, other)
+    section = {"generators": {"tone": {"checkpoint": gen_path}, "prices": {"checkpoint": other_path}},
+               "default_generator": "tone"}
+    cfg = parse_additional_config({"logit_steering": section})
+    st = SteeringState(cfg, hidden_size=H, max_num_seqs=4, device=torch.device("cpu"), max_batch_slots=6,
+                       vocab_size=V)
+    st.add_request("a", {"logit_steering": 2.0}, 2, False)  # default: tone
+    st.add_request("b", None, 2, False)
+    st.add_request("c", {"logit_steering": 1.0, "generator": "prices"}, 2, False)
+    with pytest.raises(RequestArgError, match=r"generator must be one of \['tone', 'prices'\]"):
+        st.add_request("x", {"logit_steering": 1.0, "generator": "toxicity"}, 2, False)
+    with pytest.raises(RequestArgError, match="generator: send logit_steering"):
+        st.add_request("y", {"generator": "prices"}, 2, False)
+    st.update_batch(["c", "b", "a"])
+    st.flush()
+    hidden, logits = torch.randn(3, H), torch.randn(3, V)
+    out, gs, _ = st.steer_logits(hidden, logits)
+    g0, g1 = (c.generator for c in st.logit.checkpoints)
+    ref0, gs0 = logit_steer_rows(hidden, logits, torch.tensor([0.0, 0.0, 2.0]), *g0.weights(), g0.max_strength)
+    ref1, gs1 = logit_steer_rows(hidden, logits, torch.tensor([1.0, 0.0, 0.0]), *g1.weights(), g1.max_strength)
+    torch.testing.assert_close(out[2], ref0[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], ref1[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], logits[1])
+    torch.testing.assert_close(gs, torch.stack([gs1[0], torch.tensor(0.0), gs0[2]]), rtol=1e-6, atol=1e-6)
+    st.logit.record(st.logit.step_rows(3), gs)
+    assert st.stats_for("a")["logit_steering"]["generator"] == "tone"
+    assert st.stats_for("c")["logit_steering"]["generator"] == "prices"
+    # Only the generators the batch uses run: a batch of tone rows leaves prices' pass out.
+    st.update_batch(["a", "b"])
+    st.flush()
+    assert st.logit.batch_generators == (0,)
+    out2, _, _ = st.steer_logits(hidden[:2], logits[:2])
+    ref_a, _ = logit_steer_rows(hidden[:1], logits[:1], torch.tensor([2.0]), *g0.weights(), g0.max_strength)
+    torch.testing.assert_close(out2[0], ref_a[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out2[1], logits[1])

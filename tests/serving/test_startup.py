@@ -192,6 +192,23 @@ def test_token_mode_keeps_async_scheduling_and_full_cuda_graphs(fresh_env, tiny_
         check_engine_config(cfg, parse_additional_config({"vfd": {"mode": "token", "qhead_path": str(other)}}))
 
 
+def test_every_value_head_must_fit_the_model(fresh_env, tiny_model_dir, head, tmp_path):
+    """A value head whose hidden size is not the model's is refused before any engine starts, naming the head: the
+    single-path form by ``value_head_path``, a named head by ``heads.<name>``."""
+    from value_steer.core.config import parse_additional_config
+    from value_steer.patches.vllm_0_32 import StartupError, check_engine_config
+
+    cfg = _cuda_like_config(tiny_model_dir)
+    wide = write_constant_head(tmp_path / "wide.safetensors", TINY_HIDDEN * 2, 0.0, 0.6)
+    with pytest.raises(StartupError, match=r"abstain\.value_head_path: .*hidden size"):
+        check_engine_config(cfg, parse_additional_config({"abstain": {"value_head_path": wide}}))
+    heads = {"fits": {"path": head}, "wide": {"path": wide}}
+    with pytest.raises(StartupError, match=r"vfd\.heads\.wide: .*hidden size") as err:
+        check_engine_config(cfg, parse_additional_config({"vfd": {"heads": heads, "default_head": "fits"}}))
+    assert "heads.fits" not in str(err.value)
+    check_engine_config(cfg, parse_additional_config({"abstain": {"heads": {"fits": {"path": head}}}}))
+
+
 def test_vllms_own_config_path_runs_the_hook(fresh_env, tiny_model_dir, head):
     """``EngineArgs.create_engine_config`` (what ``vllm serve`` and ``LLM`` call) goes through the plugin's hook:
     with value_steer's worker it adds the validator and refuses what VFD cannot honour; with any other worker

@@ -37,6 +37,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,12 +52,12 @@ STEER_SECTIONS = ("vfd", "abstain")
 TOP_LEVEL_KEYS = (*STEER_SECTIONS, "capture", "steering", "logit_steering")
 _SECTION_KEYS = {
     "vfd": ("value_head_path", "threshold", "num_candidates", "direction", "enabled_by_default", "schedule", "mode",
-            "qhead_path", "beta"),
-    "abstain": ("value_head_path", "threshold", "direction", "enabled_by_default"),
+            "qhead_path", "beta", "heads", "default_head"),
+    "abstain": ("value_head_path", "threshold", "direction", "enabled_by_default", "heads", "default_head"),
     "capture": ("dir", "enabled_by_default"),
     "steering": ("vectors", "max_vectors", "max_ops_per_request", "max_inline_floats", "max_relative_dose",
                  "max_body_bytes", "admin_key"),
-    "logit_steering": ("checkpoint",),
+    "logit_steering": ("checkpoint", "generators", "default_generator"),
 }
 # Activation steering (the "steering" section): bank size, per-request op count (the op tables' M) and the
 # total length of a request's inline vectors.
@@ -77,7 +78,14 @@ MIN_BODY_BYTES = 1 << 10
 # alternatives only for unsafe rows, in a second forward), "auto" (a per-step cost model chooses).
 VFD_SCHEDULES = ("auto", "eager", "two_phase")
 REQUEST_KEYS = ("value_steer", "threshold", "num_candidates", "value_steer_capture", "capture_layers",
-                "capture_prompt_from", "token_beta")
+                "capture_prompt_from", "token_beta", "head", "generator")
+# Several value heads in one server (``"heads": {name: {...}}``): a head entry's keys, the most a server loads, and
+# the names allowed (they appear in URLs' query strings, stats and logs).
+HEAD_KEYS = ("path", "threshold", "direction")
+MAX_HEADS = 16
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The name of the head given by the single-path form (``value_head_path``).
+SINGLE_HEAD_NAME = "default"
 # vfd.mode: "exact" forwards K candidates and scores them with the value head; "token" filters the step's logits by
 # a Q-head's predicted token values (value_steer.core.qhead).
 VFD_MODES = ("exact", "token")
@@ -150,11 +158,45 @@ class SteeringConfig:
 
 
 @dataclass(frozen=True)
+class GeneratorConfig:
+    """One named logit-steering generator: its ``.safetensors`` file (with its ``.meta.json`` sidecar) and the
+    config field that named it (for messages)."""
+
+    name: str
+    checkpoint: str
+    field: str = "logit_steering.checkpoint"
+
+
+@dataclass(frozen=True)
 class LogitSteeringConfig:
-    """Generative logit steering (``docs/logit-steering.md``): ``checkpoint``, the generator's ``.safetensors`` file
-    (with its ``.meta.json`` sidecar). Its sizes are checked against the model when the worker loads it."""
+    """Generative logit steering (``docs/logit-steering.md``): ``checkpoint``, the default generator's
+    ``.safetensors`` file (with its ``.meta.json`` sidecar), and every generator a request may choose by name
+    (``generators``; the single-checkpoint form is one named :data:`SINGLE_HEAD_NAME`). Sizes are checked against the
+    model at start-up."""
 
     checkpoint: str
+    generators: tuple[GeneratorConfig, ...] = ()
+    default_generator: int = 0
+
+    def generator_index(self, name: str) -> int | None:
+        for i, g in enumerate(self.generators):
+            if g.name == name:
+                return i
+        return None
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """One named value head of a server: its checkpoint, its threshold (None: the sidecar's) and direction."""
+
+    name: str
+    path: str
+    threshold: float | None = None
+    direction: str = "above"
+
+    @property
+    def sign(self) -> float:
+        return DIRECTION_SIGN[self.direction]
 
 
 @dataclass(frozen=True)
@@ -180,6 +222,17 @@ class SteerConfig:
     logit_steering: LogitSteeringConfig | None = None
     qhead_path: str | None = None  # token mode: the Q-head (its sidecar gives the threshold and direction)
     beta: float = 0.0  # token mode: 0 masks the predicted-undesirable tokens, > 0 tilts every token by its value
+    # The value heads a request may choose by name (``head``); ``value_head_path``/``threshold``/``direction`` above
+    # are the default head's. The single-path form is one head named SINGLE_HEAD_NAME.
+    heads: tuple[HeadConfig, ...] = ()
+    default_head: int = 0
+
+    def head_index(self, name: str) -> int | None:
+        """The index of the head named ``name``, or None."""
+        for i, h in enumerate(self.heads):
+            if h.name == name:
+                return i
+        return None
 
     @property
     def sign(self) -> float:
@@ -248,20 +301,9 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
     for key in ("qhead_path", "beta"):
         if key in sec:
             raise ConfigError(f"{name}.{key} belongs to token mode (\"vfd\": {{\"mode\": \"token\", ...}})")
-    if "value_head_path" not in sec:
-        raise ConfigError(f"{name}.value_head_path is required (path to a value-head checkpoint)")
-    path = sec["value_head_path"]
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"{name}.value_head_path must be a non-empty string, got {path!r}")
-    path = os.path.expanduser(path)
-    if check_files and not os.path.isfile(path):
-        raise ConfigError(f"{name}.value_head_path: no such file: {path}")
-    threshold = None
-    if sec.get("threshold") is not None:
-        threshold = _check_threshold(sec["threshold"], f"{name}.threshold", ConfigError)
-    direction = sec.get("direction", "above")
-    if direction not in DIRECTION_SIGN:
-        raise ConfigError(f"{name}.direction must be one of {list(DIRECTION_SIGN)}, got {direction!r}")
+    heads, default_head = _parse_heads(sec, name, check_files)
+    head = heads[default_head]
+    path, threshold, direction = head.path, head.threshold, head.direction
     enabled = _check_bool(sec.get("enabled_by_default", True), f"{name}.enabled_by_default", ConfigError)
     k = 1
     schedule = "auto"
@@ -283,13 +325,87 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
         schedule=schedule,
         steering=steering,
         logit_steering=logit,
+        heads=heads,
+        default_head=default_head,
     )
+
+
+def _check_path(value: Any, field: str, check_files: bool) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{field} must be a non-empty string (path to a value-head checkpoint), got "
+                          f"{short_repr(value)}")
+    path = os.path.expanduser(value)
+    if check_files and not os.path.isfile(path):
+        raise ConfigError(f"{field}: no such file: {path}")
+    return path
+
+
+def _check_direction(value: Any, field: str) -> str:
+    if value not in DIRECTION_SIGN:
+        raise ConfigError(f"{field} must be one of {list(DIRECTION_SIGN)}, got {short_repr(value)}")
+    return value
+
+
+def _parse_heads(sec: dict[str, Any], name: str, check_files: bool) -> tuple[tuple[HeadConfig, ...], int]:
+    """The section's value heads: ``value_head_path`` (one head, named :data:`SINGLE_HEAD_NAME`) or ``heads``
+    (``{name: {"path": ..., "threshold"?: ..., "direction"?: ...}}``) with ``default_head``; returns the heads and
+    the default's index."""
+    if "heads" not in sec:
+        if "default_head" in sec:
+            raise ConfigError(f"{name}.default_head needs {name}.heads (named value heads)")
+        if "value_head_path" not in sec:
+            raise ConfigError(f"{name}.value_head_path is required (path to a value-head checkpoint), or {name}.heads "
+                              "for several named heads")
+        threshold = None
+        if sec.get("threshold") is not None:
+            threshold = _check_threshold(sec["threshold"], f"{name}.threshold", ConfigError)
+        head = HeadConfig(SINGLE_HEAD_NAME, _check_path(sec["value_head_path"], f"{name}.value_head_path", check_files),
+                          threshold, _check_direction(sec.get("direction", "above"), f"{name}.direction"))
+        return (head,), 0
+    for key in ("value_head_path", "threshold", "direction"):
+        if key in sec:
+            raise ConfigError(f"{name}.{key} cannot be given beside {name}.heads; set it per head "
+                              f"({name}.heads.<name>.{'path' if key == 'value_head_path' else key})")
+    raw = sec["heads"]
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{name}.heads must be a non-empty JSON object {{name: {{\"path\": ...}}}}, got "
+                          f"{short_repr(raw)}")
+    if len(raw) > MAX_HEADS:
+        raise ConfigError(f"{name}.heads: at most {MAX_HEADS} heads, got {len(raw)}")
+    heads = []
+    for hname, entry in raw.items():
+        if not _NAME_RE.match(hname):
+            raise ConfigError(f"{name}.heads: head name {short_repr(hname)} must be 1-64 characters of letters, "
+                              "digits, '_', '.', '-' (starting with a letter or digit)")
+        where = f"{name}.heads.{hname}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a JSON object with keys {list(HEAD_KEYS)}, got {short_repr(entry)}")
+        bad = sorted(str(k) for k in entry if k not in HEAD_KEYS)
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {bad}; allowed: {list(HEAD_KEYS)}")
+        if "path" not in entry:
+            raise ConfigError(f"{where}.path is required (path to a value-head checkpoint)")
+        threshold = None
+        if entry.get("threshold") is not None:
+            threshold = _check_threshold(entry["threshold"], f"{where}.threshold", ConfigError)
+        heads.append(HeadConfig(hname, _check_path(entry["path"], f"{where}.path", check_files), threshold,
+                                _check_direction(entry.get("direction", "above"), f"{where}.direction")))
+    names = [h.name for h in heads]
+    if "default_head" in sec:
+        default = sec["default_head"]
+        if default not in names:
+            raise ConfigError(f"{name}.default_head must be one of {names}, got {short_repr(default)}")
+    elif len(heads) == 1:
+        default = names[0]
+    else:
+        raise ConfigError(f"{name}.default_head is required with several heads; one of {names}")
+    return tuple(heads), names.index(default)
 
 
 def _parse_token_mode(sec: dict[str, Any], check_files: bool, capture: CaptureConfig | None,
                       steering: SteeringConfig | None, logit: LogitSteeringConfig | None) -> SteerConfig:
     """``"vfd": {"mode": "token", "qhead_path": ..., "threshold"?, "beta"?, "enabled_by_default"?}``."""
-    for key in ("num_candidates", "schedule", "direction", "value_head_path"):
+    for key in ("num_candidates", "schedule", "direction", "value_head_path", "heads", "default_head"):
         if key in sec:
             raise ConfigError(f"vfd.{key} is not used in token mode (a Q-head scores every token in one matmul; its "
                               "sidecar gives the direction)")
@@ -374,22 +490,59 @@ def _parse_steering(sec: Any, check_files: bool) -> SteeringConfig:
 
 
 def _parse_logit_steering(sec: Any, check_files: bool) -> LogitSteeringConfig:
+    """``{"checkpoint": path}`` or ``{"generators": {name: {"checkpoint": path}}, "default_generator"?: name}``."""
     _check_section(sec, "logit_steering")
-    path = sec.get("checkpoint")
+    if "generators" not in sec:
+        if "default_generator" in sec:
+            raise ConfigError("logit_steering.default_generator needs logit_steering.generators (named generators)")
+        path = _check_generator_path(sec.get("checkpoint"), "logit_steering.checkpoint", check_files)
+        return LogitSteeringConfig(checkpoint=path, generators=(GeneratorConfig(SINGLE_HEAD_NAME, path),))
+    if "checkpoint" in sec:
+        raise ConfigError("logit_steering.checkpoint cannot be given beside logit_steering.generators; name it there "
+                          "(logit_steering.generators.<name>.checkpoint)")
+    raw = sec["generators"]
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"logit_steering.generators must be a non-empty JSON object {{name: {{\"checkpoint\": "
+                          f"...}}}}, got {short_repr(raw)}")
+    if len(raw) > MAX_HEADS:
+        raise ConfigError(f"logit_steering.generators: at most {MAX_HEADS} generators, got {len(raw)}")
+    gens = []
+    for gname, entry in raw.items():
+        if not _NAME_RE.match(gname):
+            raise ConfigError(f"logit_steering.generators: generator name {short_repr(gname)} must be 1-64 characters "
+                              "of letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        where = f"logit_steering.generators.{gname}"
+        if not isinstance(entry, dict) or set(entry) != {"checkpoint"}:
+            raise ConfigError(f"{where} must be a JSON object with exactly the key 'checkpoint', got "
+                              f"{short_repr(entry)}")
+        gens.append(GeneratorConfig(gname, _check_generator_path(entry["checkpoint"], f"{where}.checkpoint",
+                                                                 check_files), f"{where}.checkpoint"))
+    names = [g.name for g in gens]
+    if "default_generator" in sec:
+        default = sec["default_generator"]
+        if default not in names:
+            raise ConfigError(f"logit_steering.default_generator must be one of {names}, got {short_repr(default)}")
+    elif len(gens) == 1:
+        default = names[0]
+    else:
+        raise ConfigError(f"logit_steering.default_generator is required with several generators; one of {names}")
+    i = names.index(default)
+    return LogitSteeringConfig(checkpoint=gens[i].checkpoint, generators=tuple(gens), default_generator=i)
+
+
+def _check_generator_path(path: Any, field: str, check_files: bool) -> str:
     if not isinstance(path, str) or not path:
-        raise ConfigError(f"logit_steering.checkpoint must be a non-empty string (a generator .safetensors file), "
-                          f"got {path!r}")
+        raise ConfigError(f"{field} must be a non-empty string (a generator .safetensors file), got {path!r}")
     path = os.path.expanduser(path)
     if not path.lower().endswith(".safetensors"):
-        raise ConfigError(f"logit_steering.checkpoint must be a .safetensors file (pickles are never loaded), got "
-                          f"{path!r}")
+        raise ConfigError(f"{field} must be a .safetensors file (pickles are never loaded), got {path!r}")
     if check_files:
         if not os.path.isfile(path):
-            raise ConfigError(f"logit_steering.checkpoint: no such file: {path}")
+            raise ConfigError(f"{field}: no such file: {path}")
         if not os.path.isfile(path + ".meta.json"):
-            raise ConfigError(f"logit_steering.checkpoint: no sidecar {path}.meta.json beside it (it holds the "
-                              "generator's sizes and max_strength)")
-    return LogitSteeringConfig(checkpoint=path)
+            raise ConfigError(f"{field}: no sidecar {path}.meta.json beside it (it holds the generator's sizes and "
+                              "max_strength)")
+    return path
 
 
 @dataclass(frozen=True)
@@ -412,6 +565,8 @@ class RequestSteer:
     # given response as part of the prompt (prefill only), so labelled responses make features like samples do.
     capture_prompt_from: int = -1
     beta: float = 0.0  # token mode: 0 masks, > 0 tilts (the server's vfd.beta unless the request sets one)
+    head: int = 0  # the index of the value head it is scored by (SteerConfig.heads; the request's "head" by name)
+    generator: int = 0  # the index of its logit-steering generator (LogitSteeringConfig.generators; "generator")
 
 
 _TRUE = {"on", "true", "1", "yes"}
@@ -492,6 +647,7 @@ def parse_request_args(
     resolve: Callable[[str], bool] | None = None,
     residual_norms: Sequence[float] | None = None,
     vector_norm: Callable[[VectorRef, int], float | None] | None = None,
+    head_thresholds: Sequence[float] | None = None,
 ) -> RequestSteer:
     """Resolve one request's ``extra_args`` against the server config.
 
@@ -505,6 +661,8 @@ def parse_request_args(
         residual_norms, vector_norm: the layers' typical residual norms and ``vector_norm(ref, layer)``, for the
             ``steering.max_relative_dose`` check (:func:`~value_steer.core.steering_spec.check_doses`); either None:
             not checked here.
+        head_thresholds: each head's resolved threshold (``cfg.heads`` order; config value, else its sidecar's): a
+            request's default threshold is its head's (None: ``default_threshold`` for every head).
     Raises:
         RequestArgError: naming the field and the allowed values.
     """
@@ -528,7 +686,10 @@ def parse_request_args(
             raise RequestArgError(
                 "value_steer=true, but the server has no 'vfd' or 'abstain' section in --additional-config"
             )
-    threshold = default_threshold
+    head = cfg.default_head
+    if args.get("head") is not None:
+        head = _parse_head(args["head"], cfg)
+    threshold = default_threshold if head_thresholds is None else float(head_thresholds[head])
     if args.get("threshold") is not None:
         t = _coerce_number(args["threshold"], "threshold")
         threshold = _check_threshold(t, "threshold", RequestArgError)
@@ -596,10 +757,13 @@ def parse_request_args(
                 "with --additional-config '{\"logit_steering\": {\"checkpoint\": \"generator.safetensors\"}}' to "
                 "accept logit-steering requests)"
             )
+    generator = cfg.logit_steering.default_generator if cfg.logit_steering is not None else 0
+    if args.get("generator") is not None:
+        generator = _parse_generator(args["generator"], cfg, logit_strength)
     return RequestSteer(
         mode=cfg.mode if on else MODE_OFF,
         threshold=threshold,
-        sign=cfg.sign,
+        sign=cfg.heads[head].sign if cfg.heads else cfg.sign,
         num_candidates=k if on else 1,
         capture=capture,
         steering=spec,
@@ -607,7 +771,48 @@ def parse_request_args(
         logit_strength=logit_strength,
         capture_prompt_from=capture_prompt_from,
         beta=beta,
+        head=head,
+        generator=generator,
     )
+
+
+def _parse_generator(value: Any, cfg: SteerConfig, strength: float) -> int:
+    """``generator``: the name of one of the server's logit-steering generators; it goes with ``logit_steering``."""
+    ls = cfg.logit_steering
+    if ls is None:
+        raise RequestArgError("generator: this server has no 'logit_steering' section in --additional-config")
+    names = [g.name for g in ls.generators]
+    if not names:  # a type-only check (the API process without the server config): the worker checks the name
+        if not isinstance(value, str) or not value:
+            raise RequestArgError(f"generator must be the name of one of the server's logit-steering generators, got "
+                                  f"{short_repr(value)}")
+        idx = 0
+    else:
+        idx = ls.generator_index(value) if isinstance(value, str) else None
+        if idx is None:
+            raise RequestArgError(f"generator must be one of {names} (the server's logit-steering generators), got "
+                                  f"{short_repr(value)}")
+    if strength <= 0.0:
+        raise RequestArgError(f"generator: send {LOGIT_STEERING_KEY} (a strength > 0) with it; without one the request "
+                              "is not logit-steered")
+    return idx
+
+
+def _parse_head(value: Any, cfg: SteerConfig) -> int:
+    """``head``: the name of one of the server's value heads (``vfd.heads`` / ``abstain.heads``)."""
+    names = [h.name for h in cfg.heads]
+    if not names and cfg.mode == MODE_VFD and cfg.value_head_path is None:
+        # A type-only check (the API process without the server config): the worker checks the name.
+        if not isinstance(value, str) or not value:
+            raise RequestArgError(f"head must be the name of one of the server's value heads, got {short_repr(value)}")
+        return 0
+    if not names:
+        raise RequestArgError("head: this server has no value heads (no 'vfd' or 'abstain' section with a value head "
+                              "in --additional-config)")
+    idx = cfg.head_index(value) if isinstance(value, str) else None
+    if idx is None:
+        raise RequestArgError(f"head must be one of {names} (the server's value heads), got {short_repr(value)}")
+    return idx
 
 
 def _parse_prompt_from(value: Any, cfg: SteerConfig) -> int:

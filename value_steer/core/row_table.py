@@ -26,7 +26,8 @@ class RowTable:
     """Persistent per-row buffers (length ``num_rows``; row 0 is reserved and always off).
 
     threshold: ``[num_rows]`` fp32; sign: ``[num_rows]`` fp32 (+1 above / -1 below);
-    mode: ``[num_rows]`` int32 (``MODE_*``); num_candidates: ``[num_rows]`` int32 (>= 1).
+    mode: ``[num_rows]`` int32 (``MODE_*``); num_candidates: ``[num_rows]`` int32 (>= 1);
+    head: ``[num_rows]`` int32, the index of the value head that scores the row (servers with several heads).
     Each has a host mirror in ``host`` (numpy views of pinned CPU tensors on CUDA).
     """
 
@@ -34,11 +35,12 @@ class RowTable:
     sign: torch.Tensor
     mode: torch.Tensor
     num_candidates: torch.Tensor
+    head: torch.Tensor
     host: dict[str, np.ndarray] = field(default_factory=dict)
     _host_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     dirty: bool = False
 
-    COLUMNS = ("threshold", "sign", "mode", "num_candidates")
+    COLUMNS = ("threshold", "sign", "mode", "num_candidates", "head")
 
     @classmethod
     def empty(cls, num_rows: int, device: torch.device | str = "cpu") -> RowTable:
@@ -50,6 +52,7 @@ class RowTable:
             "sign": torch.ones(num_rows, dtype=torch.float32),
             "mode": torch.zeros(num_rows, dtype=torch.int32),
             "num_candidates": torch.ones(num_rows, dtype=torch.int32),
+            "head": torch.zeros(num_rows, dtype=torch.int32),
         }
         pin = device.type == "cuda"
         host_t = {k: (v.pin_memory() if pin else v) for k, v in init.items()}
@@ -62,7 +65,8 @@ class RowTable:
     def num_rows(self) -> int:
         return int(self.threshold.shape[0])
 
-    def stage_row(self, row: int, *, mode: int, threshold: float, sign: float, num_candidates: int) -> None:
+    def stage_row(self, row: int, *, mode: int, threshold: float, sign: float, num_candidates: int,
+                  head: int = 0) -> None:
         """Write one row into the host mirror (never row 0); :meth:`flush` publishes it."""
         self._check_row(row)
         if isinstance(mode, bool) or mode not in (MODE_OFF, MODE_ABSTAIN, MODE_VFD, MODE_TOKEN):
@@ -73,16 +77,20 @@ class RowTable:
             raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
         if not math.isfinite(float(threshold)):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
+        if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or head < 0:
+            raise ValueError(f"head must be an int >= 0, got {head!r}")
         h = self.host
         h["threshold"][row] = float(threshold)
         h["sign"][row] = float(sign)
         h["mode"][row] = int(mode)
         h["num_candidates"][row] = int(num_candidates)
+        h["head"][row] = int(head)
         self.dirty = True
 
-    def set_row(self, row: int, *, mode: int, threshold: float, sign: float, num_candidates: int) -> None:
+    def set_row(self, row: int, *, mode: int, threshold: float, sign: float, num_candidates: int,
+                head: int = 0) -> None:
         """Stage one row and flush at once (tests and one-off writes; the worker stages and flushes per step)."""
-        self.stage_row(row, mode=mode, threshold=threshold, sign=sign, num_candidates=num_candidates)
+        self.stage_row(row, mode=mode, threshold=threshold, sign=sign, num_candidates=num_candidates, head=head)
         self.flush()
 
     def _check_row(self, row: int) -> None:

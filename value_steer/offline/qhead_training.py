@@ -42,6 +42,29 @@ class CandidateData:
     def __len__(self) -> int:
         return int(self.states.shape[0])
 
+    def save(self, path: Path) -> None:
+        """Write the three tensors as one safetensors file (``--data`` reads it back)."""
+        from safetensors.torch import save_file
+
+        save_file({"states": self.states.contiguous(), "tokens": self.tokens.contiguous(),
+                   "values": self.values.contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> CandidateData:
+        """Read a file :meth:`save` wrote (safetensors only; nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        if set(t) != {"states", "tokens", "values"}:
+            raise ValueError(f"{path}: expected tensors states, tokens, values; got {sorted(t)}")
+        data = cls(t["states"].float(), t["tokens"].long(), t["values"].float())
+        m = len(data)
+        if data.states.dim() != 2 or data.tokens.dim() != 2 or data.values.shape != data.tokens.shape or \
+                data.tokens.shape[0] != m:
+            raise ValueError(f"{path}: shapes do not agree: states {list(data.states.shape)}, tokens "
+                             f"{list(data.tokens.shape)}, values {list(data.values.shape)}")
+        return data
+
 
 def _positions_rows(directory: Path) -> dict[str, dict[int, torch.Tensor]]:
     """``{internal request id: {position: hidden [H]}}`` of a value capture."""
@@ -110,6 +133,7 @@ def collect_candidates(model: str, head: str, prompts: list, work: Path, *, k: i
                          torch.tensor(values, dtype=torch.float32))
     print(f"train-qhead: {len(data)} steps x {k} candidates from {len(prompts)} prompts in {time.time() - t0:.0f}s",
           flush=True)
+    data.save(work / "candidates.safetensors")
     return data
 
 

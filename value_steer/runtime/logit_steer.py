@@ -21,6 +21,7 @@ is read back.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,29 +34,46 @@ STEPS, SUM, MAX = range(3)
 
 
 class LogitSteerTables:
-    """The generator and the per-row tables of one runner.
+    """The generators and the per-row tables of one runner.
 
     Args:
-        ckpt: the loaded generator (sizes already checked against the model).
+        ckpt: the loaded generator, or every generator of the server in config order (sizes already checked against
+            the model); a request's row belongs to one of them (``add_request(..., generator=i)``).
         num_rows: ``N`` (``max_num_seqs + 1``; row 0 is off).
         slots: the runner's batch capacity (the slot table's length).
         device: where everything lives.
+        names: the generators' names (stats and logs).
     """
 
-    def __init__(self, ckpt: LogitSteerCheckpoint, num_rows: int, slots: int, device: torch.device | str) -> None:
+    def __init__(self, ckpt: LogitSteerCheckpoint | Sequence[LogitSteerCheckpoint], num_rows: int, slots: int,
+                 device: torch.device | str, names: Sequence[str] | None = None) -> None:
         from value_steer.kernels.logit_steer import prepare_logit_steer_weights
 
         if num_rows < 2:
             raise ValueError("num_rows must be >= 2 (row 0 is off)")
+        ckpts = [ckpt] if isinstance(ckpt, LogitSteerCheckpoint) else list(ckpt)
+        if not ckpts:
+            raise ValueError("at least one generator is needed")
         self.device = torch.device(device)
-        self.checkpoint = ckpt
-        self.max_strength = float(ckpt.max_strength)
-        self.weights = prepare_logit_steer_weights(ckpt.generator, self.device)
+        self.checkpoints = tuple(ckpts)
+        self.checkpoint = ckpts[0]
+        self.names = tuple(names) if names is not None else tuple(f"generator{i}" for i in range(len(ckpts)))
+        self.max_strengths = tuple(float(c.max_strength) for c in ckpts)
+        self.max_strength = self.max_strengths[0]
+        self.generator_weights = tuple(prepare_logit_steer_weights(c.generator, self.device) for c in ckpts)
+        self.weights = self.generator_weights[0]
         self.num_rows = num_rows
-        host = torch.zeros(num_rows, dtype=torch.float32)
+        g = len(ckpts)
+        # host_strength[row]: the request's multiplier; per generator, the op reads a [N] strength column that is
+        # the multiplier on its own rows and 0 elsewhere (so each generator's pass leaves the others' rows bitwise).
+        host = torch.zeros((g + 1, num_rows), dtype=torch.float32)
         self._host = host.pin_memory() if self.device.type == "cuda" else host
-        self.host_strength = self._host.numpy()
-        self.row_strength = torch.zeros(num_rows, dtype=torch.float32, device=self.device)
+        self.host_strength = self._host[0].numpy()
+        self._host_gen_strength = self._host[1:].numpy()
+        self.host_generator = np.zeros(num_rows, dtype=np.int64)
+        self._strengths = torch.zeros((g + 1, num_rows), dtype=torch.float32, device=self.device)
+        self.row_strength = self._strengths[0]
+        self.generator_strength = self._strengths[1:] if g > 1 else self._strengths[:1]
         self._dirty = False
         self._free = list(range(num_rows - 1, 0, -1))
         self.live = 0
@@ -65,16 +83,23 @@ class LogitSteerTables:
         self.slot_row = HostDeviceBuffer(slots, torch.int32, self.device)
         self._step = HostDeviceBuffer(slots, torch.int32, self.device)
         self.batch_active = False  # some request of the current batch is logit-steered
+        self.batch_generators: tuple[int, ...] = ()  # the generators of the current batch's steered requests
 
     # ---- lifecycle (host mirrors; published by flush / update_batch) -----------------------------------------
-    def add_request(self, strength: float) -> int:
-        """A row for a request steered at ``strength`` (> 0); its telemetry starts empty."""
+    def add_request(self, strength: float, generator: int = 0) -> int:
+        """A row for a request steered at ``strength`` (> 0) by generator ``generator``; its telemetry starts
+        empty."""
         if not strength > 0.0 or not math.isfinite(strength):
             raise ValueError(f"strength must be finite and > 0, got {strength!r}")
+        if not 0 <= generator < len(self.checkpoints):
+            raise ValueError(f"generator must be in [0, {len(self.checkpoints)}), got {generator!r}")
         if not self._free:
             raise RuntimeError("value_steer: logit-steering row table exhausted (more live requests than max_num_seqs)")
         row = self._free.pop()
         self.host_strength[row] = float(strength)
+        self.host_generator[row] = generator
+        self._host_gen_strength[:, row] = 0.0
+        self._host_gen_strength[generator, row] = float(strength)
         self._reset[row] = True
         self._dirty = True
         self.live += 1
@@ -85,6 +110,7 @@ class LogitSteerTables:
         if not 1 <= row < self.num_rows or row in self._free:
             raise ValueError(f"row {row} is not a live logit-steering row")
         self.host_strength[row] = 0.0
+        self._host_gen_strength[:, row] = 0.0
         self._dirty = True
         self._free.append(row)
         self.live -= 1
@@ -92,8 +118,8 @@ class LogitSteerTables:
     def flush(self) -> None:
         """Publish this step's staged admissions and removals (no-op on a steady step)."""
         if self._dirty:
-            if self.row_strength.data_ptr() != self._host.data_ptr():
-                self.row_strength.copy_(self._host, non_blocking=True)
+            if self._strengths.data_ptr() != self._host.data_ptr():
+                self._strengths.copy_(self._host, non_blocking=True)
             self._dirty = False
         if self._reset.any():
             idx = torch.from_numpy(np.flatnonzero(self._reset)).to(self.device, non_blocking=True)
@@ -106,6 +132,7 @@ class LogitSteerTables:
         self.slot_row.np[:n] = rows
         self.slot_row.copy_to_device(n)
         self.batch_active = bool(rows.any())
+        self.batch_generators = tuple(np.unique(self.host_generator[rows[rows > 0]]).tolist())
 
     # ---- the step ----------------------------------------------------------------------------------------
     def step_rows(self, n: int, skip: np.ndarray | None = None) -> torch.Tensor:
@@ -130,7 +157,17 @@ class LogitSteerTables:
         """
         from value_steer.kernels.logit_steer import logit_steer
 
-        return logit_steer(hidden, logits, row_idx, self.row_strength, *self.weights, self.max_strength)
+        if len(self.checkpoints) == 1:
+            return logit_steer(hidden, logits, row_idx, self.row_strength, *self.weights, self.max_strength)
+        # Several generators: one pass per generator the batch uses (a loop over generators, not requests); each
+        # pass steers only its own rows and copies the others bitwise, and a row's gate comes from its own pass.
+        gate = None
+        for g in self.batch_generators or (0,):
+            logits, gs = logit_steer(hidden, logits, row_idx, self.generator_strength[g], *self.generator_weights[g],
+                                     self.max_strengths[g])
+            gate = gs if gate is None else gate + gs
+        assert gate is not None
+        return logits, gate
 
     def record(self, row_idx: torch.Tensor, gate_strength: torch.Tensor) -> None:
         """Accumulate one step's gate strengths per row on the device (no host synchronisation).

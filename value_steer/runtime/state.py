@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from value_steer.core.checkpoint import HeadCheckpoint, load_value_head
-from value_steer.core.config import RequestSteer, SteerConfig, parse_request_args
+from value_steer.core.config import SINGLE_HEAD_NAME, RequestSteer, SteerConfig, parse_request_args
 from value_steer.core.logit_steer import load_logit_steer
-from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF, MODE_TOKEN
+from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF, MODE_TOKEN, MODE_VFD
 from value_steer.core.qhead import load_qhead
 from value_steer.core.row_table import RowTable
 from value_steer.core.steering_spec import RequestArgError, VectorRef, fingerprint, inline_norm
@@ -82,18 +82,45 @@ class SteeringState:
         self.checkpoint: HeadCheckpoint | None = None
         self.default_threshold = 0.5
         self.weights: tuple[torch.Tensor, ...] = ()
-        if config.value_head_path is not None:
-            ckpt = load_value_head(config.value_head_path, hidden_size=hidden_size, device=self.device)
-            self.checkpoint = ckpt
-            thr = config.threshold if config.threshold is not None else ckpt.threshold
-            if thr is None:
-                raise ValueError(
-                    f"{config.section}.threshold is not set and the head's sidecar "
-                    f"({config.value_head_path}.meta.json) has no threshold; give one of them"
-                )
-            self.default_threshold = float(thr)
-            self.weights = tuple(w.detach().to(device=self.device, dtype=torch.float32).contiguous()
-                                 for w in ckpt.head.weights())
+        self.grouped_weights: tuple[torch.Tensor, ...] | None = None
+        # Named value heads (config.heads; the single-path form is one). One head: the value_head op; several: the
+        # grouped op over their stacked weights, each row scored by its request's head (the row table's head
+        # column).
+        self.head_names: tuple[str, ...] = tuple(h.name for h in config.heads)
+        self.head_thresholds: tuple[float, ...] = ()
+        self.head_checkpoints: tuple[HeadCheckpoint, ...] = ()
+        if config.heads:
+            ckpts, thresholds = [], []
+            for i, hc in enumerate(config.heads):
+                field = f"{config.section}.value_head_path" if len(config.heads) == 1 and not i and \
+                    hc.name == SINGLE_HEAD_NAME else f"{config.section}.heads.{hc.name}"
+                try:
+                    ck = load_value_head(hc.path, hidden_size=hidden_size, device=self.device)
+                except (FileNotFoundError, ValueError) as exc:
+                    raise ValueError(f"{field}: {exc}") from exc
+                thr = hc.threshold if hc.threshold is not None else ck.threshold
+                if thr is None:
+                    raise ValueError(f"{field.replace('.value_head_path', '')}.threshold is not set and the head's "
+                                     f"sidecar ({hc.path}.meta.json) has no threshold; give one of them")
+                if ckpts and ck.feature_spec != ckpts[0].feature_spec:
+                    raise ValueError(f"{field}: its feature spec differs from head {config.heads[0].name!r}'s; "
+                                     "heads of one server must score the same features")
+                ckpts.append(ck)
+                thresholds.append(float(thr))
+            self.head_checkpoints = tuple(ckpts)
+            self.head_thresholds = tuple(thresholds)
+            self.checkpoint = ckpts[config.default_head]
+            self.default_threshold = thresholds[config.default_head]
+            per_head = [tuple(w.detach().to(device=self.device, dtype=torch.float32).contiguous()
+                              for w in ck.head.weights()) for ck in ckpts]
+            self.weights = per_head[config.default_head]
+            if len(ckpts) > 1:
+                from value_steer.kernels import prepare_value_head_grouped_weights
+
+                self.grouped_weights = prepare_value_head_grouped_weights(per_head, torch.float32)
+                logger.info("value_steer: %d value heads (%s), default %r", len(ckpts),
+                            ", ".join(f"{n} t={t:.4g}" for n, t in zip(self.head_names, thresholds)),
+                            self.head_names[config.default_head])
         # Token mode (value_steer.runtime.token_filter): the Q-head, its operating point from its sidecar.
         self.token: TokenFilterTables | None = None
         if config.qhead_path is not None:
@@ -156,16 +183,19 @@ class SteeringState:
         if config.logit_steering is not None:
             if vocab_size is None:
                 raise ValueError("logit steering needs the width of the model's logits (vocab_size)")
-            path = config.logit_steering.checkpoint
-            try:
-                # Loaded on the host; LogitSteerTables places the op's copy of the weights on the device.
-                ckpt = load_logit_steer(path, hidden_size=hidden_size, vocab_size=vocab_size)
-            except (FileNotFoundError, ValueError) as exc:
-                raise ValueError(f"logit_steering.checkpoint: {exc}") from exc
-            self.logit = LogitSteerTables(ckpt, num_rows, slots, self.device)
-            logger.info("value_steer: logit steering with %s (rank %d, gate %d, max_strength %g, %d parameters)",
-                        path, ckpt.generator.rank, ckpt.generator.gate_hidden, ckpt.max_strength,
-                        ckpt.generator.num_parameters())
+            gens = []
+            for gc in config.logit_steering.generators:
+                try:
+                    # Loaded on the host; LogitSteerTables places the op's copy of the weights on the device.
+                    ckpt = load_logit_steer(gc.checkpoint, hidden_size=hidden_size, vocab_size=vocab_size)
+                except (FileNotFoundError, ValueError) as exc:
+                    raise ValueError(f"{gc.field}: {exc}") from exc
+                gens.append(ckpt)
+                logger.info("value_steer: logit steering generator %r: %s (rank %d, gate %d, max_strength %g, %d "
+                            "parameters)", gc.name, gc.checkpoint, ckpt.generator.rank, ckpt.generator.gate_hidden,
+                            ckpt.max_strength, ckpt.generator.num_parameters())
+            self.logit = LogitSteerTables(gens, num_rows, slots, self.device,
+                                          names=[g.name for g in config.logit_steering.generators])
 
     # ---- request lifecycle -------------------------------------------------------------------------
     def add_request(self, req_id: str, extra_args: dict[str, Any] | None, eos_token_id: int | None,
@@ -189,7 +219,8 @@ class SteeringState:
             resolve = lambda name: name in pinned or bank.resolve(name)
         steer = parse_request_args(extra_args, self.config, self.default_threshold, hidden_size=self.hidden_size,
                                    num_layers=self.num_layers, resolve=resolve,
-                                   residual_norms=self.residual_norms, vector_norm=self._vector_norm(pinned))
+                                   residual_norms=self.residual_norms, vector_norm=self._vector_norm(pinned),
+                                   head_thresholds=self.head_thresholds or None)
         act_row = 0
         if steer.steering is not None or steer.capture_layers:
             # parse_request_args refuses both without a steering section.
@@ -214,7 +245,7 @@ class SteeringState:
         logit_row = 0
         if steer.logit_strength > 0.0:
             assert self.logit is not None  # parse_request_args refuses it without a logit_steering section
-            logit_row = self.logit.add_request(steer.logit_strength)
+            logit_row = self.logit.add_request(steer.logit_strength, steer.generator)
         if steer.mode == MODE_ABSTAIN and (ignore_eos or eos_token_id is None):
             # The client asked never to stop on EOS: abstention has nothing it may force.
             steer = replace(steer, mode=MODE_OFF, num_candidates=1)
@@ -229,18 +260,22 @@ class SteeringState:
                 sign = self.token.checkpoint.sign  # the Q-head was distilled for its sidecar's direction
                 self.token.stage_row(row, steer.beta)
             self.rows.stage_row(row, mode=steer.mode, threshold=steer.threshold, sign=sign,
-                                num_candidates=steer.num_candidates)
+                                num_candidates=steer.num_candidates, head=steer.head)
             self.stats.stage_reset(row)
             self.counters.requests_steered += 1
             name = MODE_NAMES[steer.mode]
             self.counters.by_mode[name] = self.counters.by_mode.get(name, 0) + 1
         info = RequestInfo(mode=MODE_NAMES[steer.mode], threshold=steer.threshold, num_candidates=steer.num_candidates)
+        if steer.mode in (MODE_ABSTAIN, MODE_VFD):
+            info.head = self.head_names[steer.head]
         if steer.mode == MODE_TOKEN:
             info.beta = steer.beta
         if steer.steering is not None:
             info.activation_ops = len(steer.steering.ops)
             info.activation_gated = steer.steering.gate is not None
         info.logit_strength = steer.logit_strength
+        if steer.logit_strength > 0.0 and self.logit is not None:
+            info.logit_generator = self.logit.names[steer.generator]
         state = RequestState(req_id, steer, row, eos_token_id, int(min_tokens or 0), info, wants_logprobs, act_row,
                              logit_row)
         self.requests[req_id] = state
@@ -419,11 +454,21 @@ class SteeringState:
         out, gs = lt.apply(hidden[:b], logits, rows)
         return out, gs, rows
 
-    def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[M, H]`` hidden states -> ``[M]`` fp32 values (the fused value-head op)."""
-        from value_steer.kernels import value_head
+    def values(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``[M, H]`` hidden states -> ``[M]`` fp32 values (one fused op, no host sync).
 
-        return value_head(hidden, *self.weights)
+        Args:
+            hidden: ``[M, H]`` the states to score.
+            rows: ``[M]`` int the value-steering row each state belongs to: with several heads, each state is scored
+                by its row's head (row 0: the default head); with one head it is not read.
+        """
+        if self.grouped_weights is None:
+            from value_steer.kernels import value_head
+
+            return value_head(hidden, *self.weights)
+        from value_steer.kernels import value_head_grouped
+
+        return value_head_grouped(hidden, self.rows.head.index_select(0, rows.long()), *self.grouped_weights)
 
     def abstain(self, hidden: torch.Tensor, row_idx: torch.Tensor, sampled: torch.Tensor,
                 eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +484,7 @@ class SteeringState:
         """
         from value_steer.kernels import score_and_select
 
-        vals = self.values(hidden)
+        vals = self.values(hidden, row_idx)
         r = vals.shape[0]
         tokens = sampled[:, :1].to(torch.int64)
         logprobs = torch.zeros((r, 1), dtype=torch.float32, device=vals.device)

@@ -32,9 +32,11 @@ class RequestInfo:
     activation_gated: bool = False
     gate_counts: Any = None  # finished gated requests: [2] fp64 device tensor (gate tokens, gate open)
     logit_strength: float = 0.0  # the logit-steering multiplier (0: none)
+    logit_generator: str | None = None  # logit-steered requests: the generator's name
     logit_counts: Any = None  # logit-steered requests: [3] fp64 device tensor (distributions, gate sum, gate max)
     beta: float | None = None  # token mode: the request's beta (0: mask, > 0: tilt)
     token_mass: Any = None  # token mode: [1] fp64 device tensor, the probability mass its edits removed
+    head: str | None = None  # abstention / exact VFD: the name of the value head that scored it
 
 
 @dataclass
@@ -102,6 +104,7 @@ class DeviceStats:
         seen = scored > 0
         return {
             "mode": info.mode,
+            "head": info.head,
             "threshold": info.threshold,
             "num_candidates": info.num_candidates,
             "num_scored": int(scored),
@@ -131,7 +134,7 @@ class DeviceStats:
         if not info.logit_strength:
             return None
         steps, total, mx = info.logit_counts.tolist() if info.logit_counts is not None else (0.0, 0.0, 0.0)
-        return {"strength": info.logit_strength, "num_steered": int(steps),
+        return {"strength": info.logit_strength, "generator": info.logit_generator, "num_steered": int(steps),
                 "mean_gate_strength": total / steps if steps else None,
                 "max_gate_strength": mx if steps else None}
 

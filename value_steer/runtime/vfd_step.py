@@ -54,7 +54,7 @@ def select_winners(state: SteeringState, rows: torch.Tensor, tokens: torch.Tenso
     r, k = tokens.shape
     valid = torch.arange(k, device=tokens.device).unsqueeze(0) < num_valid.unsqueeze(1)
     if values is None:
-        values = state.values(hidden).view(r, k)
+        values = state.values(hidden, rows.repeat_interleave(k)).view(r, k)
     values = values.masked_fill(~valid, float("nan"))
     rt = state.rows
     col, tok, val, _, interv, _, win_hidden = score_and_select(
