@@ -365,7 +365,7 @@ def test_token_mode_config_and_request_args():
 
 @pytest.mark.parametrize(("sec", "match"), [
     ({"mode": "token"}, "vfd.qhead_path is required in token mode"),
-    ({"mode": "token", "qhead_path": "/q", "num_candidates": 4}, "vfd.num_candidates is not used in token mode"),
+    ({"mode": "token", "qhead_path": "/q", "num_candidates": 0}, r"vfd.num_candidates must be an integer in \[1, 64\]"),
     ({"mode": "token", "qhead_path": "/q", "direction": "below"}, "vfd.direction is not used in token mode"),
     ({"mode": "token", "qhead_path": "/q", "beta": -1}, r"vfd.beta must be a number in \[0, 100\]"),
     ({"mode": "token", "qhead_path": "/q", "beta": "1"}, "vfd.beta must be a number"),

@@ -131,3 +131,49 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_qhead(path)
     with pytest.raises(QHeadCheckpointError, match=r"must be a \.safetensors file"):
         load_qhead(tmp_path / "q.pt")
+
+
+def _vfd_commit_probs(p: torch.Tensor, unsafe: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact VFD's commit distribution by enumeration of every K-draw sequence: the first safe draw, else the first
+    draw (the K-candidate rule's model of the fallback)."""
+    import itertools
+
+    v = p.shape[0]
+    out = torch.zeros(v, dtype=torch.float64)
+    for seq in itertools.product(range(v), repeat=k):
+        prob = float(torch.prod(p[list(seq)].double()))
+        safe = [t for t in seq if not unsafe[t]]
+        out[safe[0] if safe else seq[0]] += prob
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_k_rule_is_exact_vfds_commit_distribution(k):
+    torch.manual_seed(k)
+    v = 5
+    logits = torch.randn(3, v)
+    q = torch.randn(3, v) * 3
+    q[1] = -5.0  # every token safe: unchanged
+    q[2] = 5.0  # every token unsafe: unchanged
+    rows = _rows(3)
+    out, changed, mass = token_filter_rows(logits, q, **rows, k=torch.full((3,), k))
+    for b in range(3):
+        p = torch.softmax(logits[b].double(), -1)
+        unsafe = torch.sigmoid(q[b]) > 0.5
+        want = _vfd_commit_probs(p, unsafe, k)
+        torch.testing.assert_close(torch.softmax(out[b].double(), -1), want, rtol=1e-5, atol=1e-6)
+        tv = 0.5 * float((want - p).abs().sum())
+        assert float(mass[b]) == pytest.approx(tv, abs=1e-5)
+    assert changed.tolist() == [k > 1 and 0 < int((torch.sigmoid(q[0]) > 0.5).sum()) < v, False, False]
+    assert torch.equal(out[1:], logits[1:])
+
+
+def test_k_rule_rows_beside_mask_and_tilt_rows():
+    logits = torch.randn(3, V)
+    q = torch.randn(3, V) * 2
+    beta = torch.tensor([0.0, 0.0, 1.0])
+    k = torch.tensor([0, 4, 4])
+    out, _, _ = token_filter_rows(logits, q, **_rows(3, beta=beta), k=k)
+    mask_only, _, _ = token_filter_rows(logits, q, **_rows(3, beta=beta))
+    assert torch.equal(out[0], mask_only[0]) and torch.equal(out[2], mask_only[2])  # mask and tilt rows: as before
+    assert torch.isfinite(out[1]).all()  # the K rule moves mass, it removes nothing

@@ -25,3 +25,20 @@ def test_mask_rows_equals_the_reference(dtype):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-6)
     assert torch.isfinite(got[0][3, :v]).sum() == 1 and torch.isfinite(got[0][3, 17])
+
+
+def test_mask_rows_with_k_equals_the_reference():
+    torch.manual_seed(3)
+    b, v = 6, 300
+    logits = torch.randn(b, v + 4) * 3
+    q = torch.randn(b, v) * 2
+    threshold = torch.tensor([0.5, 0.3, 0.7, 0.5, 0.5, 0.9])
+    sign = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0])
+    on = torch.tensor([True, True, True, False, True, True])
+    k = torch.tensor([0, 4, 8, 4, 1, 2])
+    want = token_filter_rows(logits, q, threshold, sign, torch.zeros(b), on, k=k)
+    got = mask_rows(logits, q, threshold, sign, on, k=k)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0][3], logits[3])

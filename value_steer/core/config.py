@@ -222,6 +222,7 @@ class SteerConfig:
     logit_steering: LogitSteeringConfig | None = None
     qhead_path: str | None = None  # token mode: the Q-head (its sidecar gives the threshold and direction)
     beta: float = 0.0  # token mode: 0 masks the predicted-undesirable tokens, > 0 tilts every token by its value
+    token_k: int = 0  # token mode: K >= 1 applies the K-candidate rule instead of the mask (vfd.num_candidates)
     # The value heads a request may choose by name (``head``); ``value_head_path``/``threshold``/``direction`` above
     # are the default head's. The single-path form is one head named SINGLE_HEAD_NAME.
     heads: tuple[HeadConfig, ...] = ()
@@ -405,10 +406,16 @@ def _parse_heads(sec: dict[str, Any], name: str, check_files: bool) -> tuple[tup
 def _parse_token_mode(sec: dict[str, Any], check_files: bool, capture: CaptureConfig | None,
                       steering: SteeringConfig | None, logit: LogitSteeringConfig | None) -> SteerConfig:
     """``"vfd": {"mode": "token", "qhead_path": ..., "threshold"?, "beta"?, "enabled_by_default"?}``."""
-    for key in ("num_candidates", "schedule", "direction", "value_head_path", "heads", "default_head"):
+    for key in ("schedule", "direction", "value_head_path", "heads", "default_head"):
         if key in sec:
             raise ConfigError(f"vfd.{key} is not used in token mode (a Q-head scores every token in one matmul; its "
                               "sidecar gives the direction)")
+    token_k = 0  # the mask rule
+    if "num_candidates" in sec:  # the K-candidate rule (value_steer.core.qhead.k_emulation_factors)
+        token_k = sec["num_candidates"]
+        if not isinstance(token_k, int) or isinstance(token_k, bool) or not 1 <= token_k <= MAX_NUM_CANDIDATES:
+            raise ConfigError(f"vfd.num_candidates must be an integer in [1, {MAX_NUM_CANDIDATES}], got "
+                              f"{short_repr(token_k)}")
     path = sec.get("qhead_path")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"vfd.qhead_path is required in token mode (a Q-head checkpoint, value-steer train-qhead), "
@@ -422,7 +429,8 @@ def _parse_token_mode(sec: dict[str, Any], check_files: bool, capture: CaptureCo
     beta = _check_beta(sec.get("beta", 0.0), "vfd.beta", ConfigError)
     enabled = _check_bool(sec.get("enabled_by_default", True), "vfd.enabled_by_default", ConfigError)
     return SteerConfig(mode=MODE_TOKEN, threshold=threshold, enabled_by_default=enabled, capture=capture,
-                       steering=steering, logit_steering=logit, qhead_path=path, beta=beta)
+                       steering=steering, logit_steering=logit, qhead_path=path, beta=beta,
+                       num_candidates=max(token_k, 1), token_k=token_k)
 
 
 def _check_beta(value: Any, field: str, err: type[ValueError]) -> float:
@@ -695,8 +703,9 @@ def parse_request_args(
         threshold = _check_threshold(t, "threshold", RequestArgError)
     k = cfg.num_candidates
     if args.get("num_candidates") is not None:
-        if cfg.mode != MODE_VFD:
-            why = " (token mode scores every token in one matmul)" if cfg.mode == MODE_TOKEN else ""
+        if cfg.mode != MODE_VFD and not (cfg.mode == MODE_TOKEN and cfg.token_k):
+            why = (" or in token mode with vfd.num_candidates (the K-candidate rule)" if cfg.mode == MODE_TOKEN
+                   else "")
             raise RequestArgError(f"num_candidates is only valid when the server runs 'vfd' in exact mode{why}")
         bad = (f"num_candidates must be an integer in [1, {cfg.num_candidates}] (the server's vfd.num_candidates), "
                f"got {short_repr(args['num_candidates'])}")

@@ -63,9 +63,28 @@ def qhead_rows(hidden: torch.Tensor, w_down: torch.Tensor, pos: torch.Tensor, w_
     return torch.nn.functional.linear(z, w_up.float(), bias.float())
 
 
+def k_emulation_factors(u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log multipliers of the K-candidate rule for unsafe mass ``u [B]`` and ``k [B]`` (>= 1), fp32.
+
+    Exact VFD draws up to K candidates and commits the first safe one. With ``u`` the probability that one draw is
+    unsafe, a safe token ``v`` is committed with probability ``p(v) (1 + u + ... + u^(K-1))``; when all K draws are
+    unsafe (probability ``u^K``) the step keeps the first draw, so an unsafe ``v`` has ``p(v) u^(K-1)``. Returns
+    ``(log_safe, log_unsafe)``, the log factors on safe and unsafe tokens (0 where ``u`` is 0 or 1: nothing to
+    move)."""
+    u = u.float().clamp(0.0, 1.0)
+    kf = k.float()
+    # 1 + u + ... + u^(K-1), stable near u = 1 (where it tends to K).
+    near_one = u > 1.0 - 1e-6
+    series = torch.where(near_one, kf, (1.0 - u.pow(kf)) / (1.0 - u).clamp_min(1e-12))
+    log_safe = torch.log(series.clamp_min(1.0))
+    # u within float rounding of 1 (every token unsafe, the softmax's sum a few ulps short): nothing to move.
+    log_unsafe = torch.where((u > 0) & ~near_one, (kf - 1.0) * torch.log(u.clamp_min(1e-30)), torch.zeros_like(u))
+    return log_safe, log_unsafe
+
+
 def token_filter_rows(logits: torch.Tensor, q: torch.Tensor, threshold: torch.Tensor, sign: torch.Tensor,
-                      beta: torch.Tensor, on: torch.Tensor, min_safe_mass: float = MIN_SAFE_MASS
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      beta: torch.Tensor, on: torch.Tensor, min_safe_mass: float = MIN_SAFE_MASS,
+                      k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Value filtering of one step's logits by predicted token values (the semantics every implementation follows).
 
     Args:
@@ -78,10 +97,13 @@ def token_filter_rows(logits: torch.Tensor, q: torch.Tensor, threshold: torch.Te
         on: ``[B]`` bool; rows that are off come back bitwise.
         min_safe_mass: in mask mode, when the tokens predicted safe hold less than this mass of the row's
             distribution (softmax of ``logits``), only the token with the safest predicted value is kept.
+        k: ``[B]`` int, or None (all 0). Where ``beta`` is 0 and ``k >= 1``, the K-candidate rule replaces the mask:
+            the distribution exact VFD with K candidates commits from, with the Q-head in place of the value head
+            (:func:`k_emulation_factors`).
     Returns:
         ``(logits' [B, V'] logits' dtype, changed [B] bool, mass_removed [B] fp32)``: ``changed`` where the row's
         distribution was edited; ``mass_removed`` the probability the edit took from the row's original
-        distribution (mask: the removed tokens' mass; tilt: the total-variation distance).
+        distribution (mask: the removed tokens' mass; tilt and the K-candidate rule: the total-variation distance).
     """
     v = q.shape[1]
     lf = logits[:, :v].float()
@@ -96,11 +118,17 @@ def token_filter_rows(logits: torch.Tensor, q: torch.Tensor, threshold: torch.Te
     masked = lf.masked_fill(removed, float("-inf"))
     tilted = lf - (beta.float() * sign.float()).unsqueeze(1) * q
     tilt = beta > 0
-    new = torch.where(tilt.unsqueeze(1), tilted, masked)
+    kk = torch.zeros_like(beta, dtype=torch.int64) if k is None else k.long()
+    use_k = ~tilt & (kk >= 1)
+    u = (probs * unsafe).sum(dim=-1)
+    log_safe, log_unsafe = k_emulation_factors(u, kk.clamp_min(1))
+    k_edit = lf + torch.where(unsafe, log_unsafe.unsqueeze(1), log_safe.unsqueeze(1))
+    new = torch.where(tilt.unsqueeze(1), tilted, torch.where(use_k.unsqueeze(1), k_edit, masked))
     mass_mask = (probs * removed).sum(dim=-1)
     mass_tilt = 0.5 * (torch.softmax(tilted, dim=-1) - probs).abs().sum(dim=-1)
-    mass = torch.where(tilt, mass_tilt, mass_mask)
-    changed = on & torch.where(tilt, mass_tilt > 0, removed.any(dim=-1))
+    mass_k = u - u * torch.exp(log_unsafe)  # the unsafe tokens' mass moved to the safe ones
+    mass = torch.where(tilt, mass_tilt, torch.where(use_k, mass_k, mass_mask))
+    changed = on & torch.where(tilt, mass_tilt > 0, torch.where(use_k, mass_k > 0, removed.any(dim=-1)))
     out = logits.clone()
     out[:, :v] = torch.where(on.unsqueeze(1), new.to(logits.dtype), logits[:, :v])
     return out, changed, torch.where(on, mass, torch.zeros_like(mass))

@@ -138,29 +138,41 @@ def collect_candidates(model: str, head: str, prompts: list, work: Path, *, k: i
 
 
 def train_qhead(data: CandidateData, vocab_size: int, *, rank: int, epochs: int, lr: float, batch: int,
-                seed: int) -> tuple[Any, list[dict[str, float]]]:
-    """Fit a :class:`~value_steer.core.qhead.QHead` to ``data`` (soft-target BCE on the candidates' entries)."""
+                seed: int, rank_weight: float = 0.0, weight_decay: float = 0.0) -> tuple[Any, list[dict[str, float]]]:
+    """Fit a :class:`~value_steer.core.qhead.QHead` to ``data``.
+
+    Loss: soft-target BCE on the candidates' entries, plus ``rank_weight`` times the within-step loss: the mean
+    squared error between ``q`` and the target logits after each step's mean is taken out of both. The BCE is
+    dominated by the state's own value (shared by every candidate of a step); the within-step term trains what a
+    filter needs, the differences between the next tokens of one state.
+    """
     from value_steer.core.qhead import QHead
 
     torch.manual_seed(seed)
     head = QHead(int(data.states.shape[1]), vocab_size, rank)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     target = data.values.clamp(1e-4, 1 - 1e-4)
+    target_logit = torch.log(target) - torch.log1p(-target)
     history = []
     n = len(data)
     for epoch in range(epochs):
         perm = torch.randperm(n)
-        total = 0.0
+        total = total_rank = 0.0
         for i in range(0, n, batch):
             idx = perm[i:i + batch]
             q = head.gather(data.states[idx], data.tokens[idx])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(q, target[idx])
+            if rank_weight > 0.0:
+                t = target_logit[idx]
+                within = ((q - q.mean(1, keepdim=True)) - (t - t.mean(1, keepdim=True))).pow(2).mean()
+                total_rank += float(within) * idx.shape[0]
+                loss = loss + rank_weight * within
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss) * idx.shape[0]
-        history.append({"epoch": epoch, "loss": total / n})
-        print(f"train-qhead: epoch {epoch} loss {total / n:.4f}", flush=True)
+        history.append({"epoch": epoch, "loss": total / n, "within_step_mse": total_rank / n})
+        print(f"train-qhead: epoch {epoch} loss {total / n:.4f} (within-step {total_rank / n:.4f})", flush=True)
     return head.eval(), history
 
 
@@ -187,8 +199,23 @@ def qhead_report(head: Any, data: CandidateData, threshold: float, sign: float) 
     ece = sum(abs(p[bins == b].mean() - v[bins == b].mean()) * (bins == b).mean() for b in range(10) if
               (bins == b).any())
     auc = float(auroc(sign * q, unsafe)) if 0 < unsafe.sum() < unsafe.size else math.nan
+    # Within a step (what a filter acts on): over pairs of one step's distinct candidates whose values differ by
+    # more than 0.01, how often q orders them as the values do; and, over steps whose candidates straddle the
+    # threshold, how often q's safest candidate is on the safe side.
+    qs = q.reshape(data.values.shape)
+    vs = data.values.numpy()
+    dq = qs[:, :, None] - qs[:, None, :]
+    dv = vs[:, :, None] - vs[:, None, :]
+    pairs = np.abs(dv) > 0.01
+    pair_acc = float(((dq * dv) > 0)[pairs].mean()) if pairs.any() else math.nan
+    side = sign * (vs - threshold) > 0
+    straddle = side.any(1) & ~side.all(1)
+    pick = np.argmin(sign * qs, axis=1)
+    pick_safe = float((~side[np.arange(len(pick)), pick])[straddle].mean()) if straddle.any() else math.nan
     return {"n_tokens": int(v.size), "unsafe_rate": float(unsafe.mean()), "auroc": auc,
-            "spearman": _spearman(q, v), "calibration_error": float(ece)}
+            "spearman": _spearman(q, v), "calibration_error": float(ece),
+            "within_step_pair_accuracy": pair_acc, "straddling_steps": int(straddle.sum()),
+            "straddling_safest_is_safe": pick_safe}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rank-weight", type=float, default=0.0,
+                    help="weight of the within-step loss (q's differences between one state's candidates)")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None,
+                    help="reuse the candidates an earlier run collected (its folder, holding train/ and calibration/ "
+                         "candidates.safetensors) instead of running the engine")
     args = ap.parse_args(argv)
     try:
         task = load_task(args.task)
@@ -234,23 +267,35 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     run = f"qhead-{task.name}-{Path(model).name}-{args.n_train}-{args.n_cal}-{args.num_candidates}-{args.max_tokens}"
     work = data_dir() / "qhead" / f"{run}-{args.seed}-{int(time.time())}"
-    train = collect_candidates(model, args.head, task.sample_prompts("train", args.n_train, args.seed),
-                               work / "train", k=args.num_candidates, max_tokens=args.max_tokens, seed=args.seed)
-    held = collect_candidates(model, args.head, task.sample_prompts("calibration", args.n_cal, args.seed),
-                              work / "calibration", k=args.num_candidates, max_tokens=args.max_tokens, seed=args.seed)
+    if args.data is not None:
+        try:
+            train = CandidateData.load(Path(args.data) / "train" / "candidates.safetensors")
+            held = CandidateData.load(Path(args.data) / "calibration" / "candidates.safetensors")
+        except (OSError, ValueError) as exc:
+            ap.error(f"--data: {exc}")
+        print(f"train-qhead: {len(train)} train and {len(held)} held-out steps from {args.data}", flush=True)
+    else:
+        train = collect_candidates(model, args.head, task.sample_prompts("train", args.n_train, args.seed),
+                                   work / "train", k=args.num_candidates, max_tokens=args.max_tokens, seed=args.seed)
+        held = collect_candidates(model, args.head, task.sample_prompts("calibration", args.n_cal, args.seed),
+                                  work / "calibration", k=args.num_candidates, max_tokens=args.max_tokens,
+                                  seed=args.seed)
     head, history = train_qhead(train, vocab, rank=args.rank, epochs=args.epochs, lr=args.lr, batch=args.batch,
-                                seed=args.seed)
+                                seed=args.seed, rank_weight=args.rank_weight, weight_decay=args.weight_decay)
     report = {"train": qhead_report(head, train, float(threshold), sign),
               "held_out": qhead_report(head, held, float(threshold), sign)}
     for split, r in report.items():
         print(f"train-qhead: {split}: AUROC {r['auroc']:.3f}, Spearman {r['spearman']:.3f}, calibration error "
               f"{r['calibration_error']:.3f} over {r['n_tokens']} candidate tokens ({r['unsafe_rate']:.1%} over "
-              f"the threshold)", flush=True)
+              f"the threshold); within a step: pair accuracy {r['within_step_pair_accuracy']:.3f}, safest "
+              f"candidate safe in {r['straddling_safest_is_safe']:.1%} of {r['straddling_steps']} straddling steps",
+              flush=True)
     command = "value-steer train-qhead " + " ".join(argv if argv is not None else sys.argv[2:])
     training = {"head": str(args.head), "task": task.record(), "model": model_record(model),
                 "data": {"train_steps": len(train), "held_out_steps": len(held), "num_candidates": args.num_candidates,
                          "max_tokens": args.max_tokens, "temperature": TEMPERATURE, "top_p": TOP_P},
-                "rank": args.rank, "epochs": args.epochs, "lr": args.lr, "history": history, "report": report,
+                "rank": args.rank, "epochs": args.epochs, "lr": args.lr, "rank_weight": args.rank_weight,
+                "weight_decay": args.weight_decay, "history": history, "report": report,
                 "wall_s": time.time() - t_start}
     save_qhead(args.out, head, threshold=float(threshold), direction=direction, training=training, command=command)
     print(f"wrote {args.out} ({time.time() - t_start:.0f}s)")

@@ -258,7 +258,7 @@ class SteeringState:
             if steer.mode == MODE_TOKEN:
                 assert self.token is not None  # MODE_TOKEN comes from a config with a Q-head
                 sign = self.token.checkpoint.sign  # the Q-head was distilled for its sidecar's direction
-                self.token.stage_row(row, steer.beta)
+                self.token.stage_row(row, steer.beta, steer.num_candidates if self.config.token_k else 0)
             self.rows.stage_row(row, mode=steer.mode, threshold=steer.threshold, sign=sign,
                                 num_candidates=steer.num_candidates, head=steer.head)
             self.stats.stage_reset(row)
@@ -320,6 +320,7 @@ class SteeringState:
             snap = self.stats.snapshot(state.row)
             if state.info.beta is not None and self.token is not None:
                 state.info.token_mass = self.token.mass[state.row:state.row + 1].clone()
+                self.token.clear_row(state.row)
             self.rows.clear_row(state.row)
             self._free_rows.append(state.row)
         else:

@@ -20,15 +20,17 @@ import numpy as np
 import torch
 
 from value_steer.core.modes import MODE_TOKEN
-from value_steer.core.qhead import MIN_SAFE_MASS, QHeadCheckpoint, token_filter_rows
+from value_steer.core.qhead import MIN_SAFE_MASS, QHeadCheckpoint, k_emulation_factors, token_filter_rows
 
 
 def mask_rows(logits: torch.Tensor, q: torch.Tensor, threshold: torch.Tensor, sign: torch.Tensor, on: torch.Tensor,
-              min_safe_mass: float = MIN_SAFE_MASS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~value_steer.core.qhead.token_filter_rows` in mask mode (every ``beta`` 0), with fewer passes over the
-    ``[B, V]`` rows: ``sigmoid(q) > t`` is compared as ``q > logit(t)``, and the safe mass comes from one
-    ``exp(logits - max)`` (no softmax division, no sigmoid). Same arguments and results as the reference, up to
-    tokens whose prediction sits on the threshold within float rounding."""
+              min_safe_mass: float = MIN_SAFE_MASS, k: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~value_steer.core.qhead.token_filter_rows` without tilt (every ``beta`` 0; the mask, or the K-candidate
+    rule where ``k >= 1``), with fewer passes over the ``[B, V]`` rows: ``sigmoid(q) > t`` is compared as
+    ``q > logit(t)``, and the masses come from one ``exp(logits - max)`` (no softmax division, no sigmoid). Same
+    arguments and results as the reference, up to tokens whose prediction sits on the threshold within float
+    rounding."""
     v = q.shape[1]
     lf = logits[:, :v].float()
     t = threshold.float()
@@ -44,11 +46,21 @@ def mask_rows(logits: torch.Tensor, q: torch.Tensor, threshold: torch.Tensor, si
     keep = torch.arange(v, device=q.device).unsqueeze(0) == safest
     removed = torch.where(fallback.unsqueeze(1), ~keep, unsafe)
     safest_mass = e.gather(1, safest).squeeze(1) / total
-    unsafe_mass = torch.where(fallback, 1.0 - safest_mass, unsafe_mass)
-    removed = removed & on.unsqueeze(1)
+    mass = torch.where(fallback, 1.0 - safest_mass, unsafe_mass)
     out = logits.clone()
-    out[:, :v].masked_fill_(removed, float("-inf"))
-    return out, removed.any(dim=-1), torch.where(on, unsafe_mass, torch.zeros_like(unsafe_mass))
+    if k is None:
+        removed = removed & on.unsqueeze(1)
+        out[:, :v].masked_fill_(removed, float("-inf"))
+        return out, removed.any(dim=-1), torch.where(on, mass, torch.zeros_like(mass))
+    use_k = k >= 1
+    log_safe, log_unsafe = k_emulation_factors(unsafe_mass, k.clamp_min(1))
+    edit = torch.where(unsafe, log_unsafe.unsqueeze(1), log_safe.unsqueeze(1))
+    new = torch.where(use_k.unsqueeze(1), lf + edit, lf.masked_fill(removed, float("-inf")))
+    out[:, :v] = torch.where(on.unsqueeze(1), new.to(logits.dtype), logits[:, :v])
+    mass_k = unsafe_mass - unsafe_mass * torch.exp(log_unsafe)
+    mass = torch.where(use_k, mass_k, mass)
+    changed = on & torch.where(use_k, mass_k > 0, removed.any(dim=-1))
+    return out, changed, torch.where(on, mass, torch.zeros_like(mass))
 
 
 class TokenFilterTables:
@@ -69,14 +81,26 @@ class TokenFilterTables:
         self._host = host.pin_memory() if self.device.type == "cuda" else host
         self.host_beta = self._host.numpy()
         self.row_beta = torch.zeros(num_rows, dtype=torch.float32, device=self.device)
+        # K of the K-candidate rule per row (0: the mask); staged beside beta.
+        hk = torch.zeros(num_rows, dtype=torch.int32)
+        self._host_k = hk.pin_memory() if self.device.type == "cuda" else hk
+        self.host_k = self._host_k.numpy()
+        self.row_k = torch.zeros(num_rows, dtype=torch.int32, device=self.device)
         self.mass = torch.zeros(num_rows, dtype=torch.float64, device=self.device)
         self._dirty = False
         self._reset = np.zeros(num_rows, dtype=bool)
 
-    def stage_row(self, row: int, beta: float) -> None:
-        """A token-mode request took ``row`` (its mass telemetry starts at 0)."""
+    def stage_row(self, row: int, beta: float, k: int = 0) -> None:
+        """A token-mode request took ``row`` (its mass telemetry starts at 0); ``k`` >= 1: the K-candidate rule."""
         self.host_beta[row] = float(beta)
+        self.host_k[row] = int(k)
         self._reset[row] = True
+        self._dirty = True
+
+    def clear_row(self, row: int) -> None:
+        """A token-mode request left ``row``: its beta and K go back to 0, so the live rows alone choose the form."""
+        self.host_beta[row] = 0.0
+        self.host_k[row] = 0
         self._dirty = True
 
     def flush(self) -> None:
@@ -84,6 +108,7 @@ class TokenFilterTables:
         if self._dirty:
             if self.row_beta.data_ptr() != self._host.data_ptr():
                 self.row_beta.copy_(self._host, non_blocking=True)
+                self.row_k.copy_(self._host_k, non_blocking=True)
             self._dirty = False
         if self._reset.any():
             idx = torch.from_numpy(np.flatnonzero(self._reset)).to(self.device, non_blocking=True)
@@ -109,9 +134,11 @@ class TokenFilterTables:
         q = qhead_rows(hidden, *self.weights)
         beta = self.row_beta.index_select(0, idx)
         args = (logits, q, threshold.index_select(0, idx), sign.index_select(0, idx), beta, on)
-        if bool(self.host_beta.any()):  # some live request tilts: the reference handles both forms
-            out, changed, mass = token_filter_rows(*args)
+        # Host facts of the live requests choose the cheapest form that covers them (no device read).
+        k = self.row_k.index_select(0, idx) if bool(self.host_k.any()) else None
+        if bool(self.host_beta.any()):  # some live request tilts: the reference handles every form
+            out, changed, mass = token_filter_rows(*args, k=k)
         else:
-            out, changed, mass = mask_rows(*args[:4], on)
+            out, changed, mass = mask_rows(*args[:4], on, k=k)
         self.mass.index_add_(0, idx, mass.to(torch.float64))  # row 0 is a sink
         return out, q, changed

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                     "thresholds)")
     ap.add_argument("--token-betas", type=float, nargs="+", default=None,
                     help="token mode's tilt sweep (logits - beta * q, at the Q-head's threshold)")
+    ap.add_argument("--token-k", type=int, default=None, metavar="K",
+                    help="token rows use the K-candidate rule with K candidates (exact VFD's commit distribution with "
+                    "the Q-head) instead of the mask")
     ap.add_argument("--render-only", default=None, metavar="JSON",
                     help="re-render the report of a finished run from its .json (no generation)")
     args = ap.parse_args(argv)
@@ -112,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.qhead is not None:
         if args.token_betas is not None:
             overrides["token_betas"] = tuple(args.token_betas)
+        if args.token_k is not None:
+            overrides["token_k"] = args.token_k
         if args.token_thresholds is not None or args.token_betas is None:
             overrides["token_thresholds"] = tuple(args.token_thresholds or args.thresholds or plan.thresholds)
-    elif args.token_thresholds is not None or args.token_betas is not None:
-        ap.error("--token-thresholds / --token-betas need --qhead")
+    elif args.token_thresholds is not None or args.token_betas is not None or args.token_k is not None:
+        ap.error("--token-thresholds / --token-betas / --token-k need --qhead")
     try:
         plan = EvalPlan(**{**asdict(plan), **overrides})
     except ValueError as exc:

@@ -41,6 +41,8 @@ class EvalPlan:
     token_thresholds: tuple[float, ...] = ()
     # Token mode's tilt (logits - beta * q) at these betas, at the Q-head's own threshold; chosen the same way.
     token_betas: tuple[float, ...] = ()
+    # The token rows' rule: 0 the mask, K >= 1 the K-candidate rule (vfd.num_candidates in token mode).
+    token_k: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_cal", "n_test", "max_tokens", "n_boot"):
@@ -52,6 +54,8 @@ class EvalPlan:
             raise ValueError(f"thresholds must be values in [0, 1], got {self.thresholds!r}")
         if any(not (0.0 < b <= 100.0) for b in self.token_betas):
             raise ValueError(f"token_betas must be values in (0, 100], got {self.token_betas!r}")
+        if not 0 <= self.token_k <= MAX_NUM_CANDIDATES:
+            raise ValueError(f"token_k must be an integer in [0, {MAX_NUM_CANDIDATES}], got {self.token_k!r}")
         if any(not (0.0 <= t <= 1.0) for t in self.token_thresholds):
             raise ValueError(f"token_thresholds must be values in [0, 1], got {self.token_thresholds!r}")
         if any(not (0.0 < s <= 4.0) for s in self.logit_strengths):

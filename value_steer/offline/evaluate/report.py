@@ -290,7 +290,9 @@ def _token_headline(results: dict[str, Any], base: dict[str, Any]) -> list[str]:
                and c["threshold"] == results["chosen_thresholds"][k0])["metrics"]
     base_tps = next(c for c in test if c["mode"] == "base")["metrics"]["tok_per_s"]
     out = []
-    for mode, key, field, what in (("token", "chosen_token_threshold", "threshold", "mask at threshold"),
+    token_k = int(results["plan"].get("token_k", 0))
+    rule = f"the K-candidate rule (K={token_k}) at threshold" if token_k else "mask at threshold"
+    for mode, key, field, what in (("token", "chosen_token_threshold", "threshold", rule),
                                    ("token_tilt", "chosen_token_beta", "scale", "tilt at beta")):
         point = results.get(key)
         if point is None:

@@ -373,12 +373,14 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
     if plan.token_thresholds or plan.token_betas:
         # Token-mode VFD: its own engine (no candidate rows), the same prompts, seeds and selection rule.
         t0 = time.perf_counter()
-        llm = _engine(model, {"vfd": {"mode": "token", "qhead_path": qhead}}, plan.seed)
+        token_sec = {"mode": "token", "qhead_path": qhead, **({"num_candidates": plan.token_k} if plan.token_k else {})}
+        llm = _engine(model, {"vfd": token_sec}, plan.seed)
+        tk = f" K={plan.token_k}" if plan.token_k else ""
         engine_s += time.perf_counter() - t0
         if plan.token_thresholds:
             sweep = {}
             for t in plan.token_thresholds:
-                c = Condition(f"token t={t:g}", "calibration", "token", None, t)
+                c = Condition(f"token{tk} t={t:g}", "calibration", "token", None, t)
                 record(c, splits["calibration"], llm, {"threshold": t})
                 sweep[t] = c.metrics
             chosen_token = choose_threshold(sweep, base_cal.metrics, plan.max_ppl_increase)
@@ -393,7 +395,7 @@ def run(plan: EvalPlan, model: str, head_path: str, vectors_dir: str | None = No
             chosen_tilt = -choose_threshold(sweep, base_cal.metrics, plan.max_ppl_increase)
             log(f"chosen on calibration: token mode tilt beta {chosen_tilt:g}")
         for t in plan.token_thresholds:
-            record(Condition(f"token t={t:g}", "test", "token", None, t), test, llm, {"threshold": t})
+            record(Condition(f"token{tk} t={t:g}", "test", "token", None, t), test, llm, {"threshold": t})
         for b in plan.token_betas:
             record(Condition(f"token tilt b={b:g}", "test", "token_tilt", scale=b), test, llm, {"token_beta": b})
         del llm
