@@ -163,3 +163,36 @@ def test_serve_takes_a_users_model_vectors_and_generator(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--vectors"):
         cli.main(["serve", "--model", "/m/mine", "--head", str(head), "--threshold", "0.5", "--vectors",
                   str(tmp_path / "none")])
+
+
+def test_serve_loads_the_second_concepts_head_beside_the_built_in_one(tmp_path):
+    from value_steer.offline.assets import default_extra_heads
+    from value_steer.offline.cli import serve_heads
+
+    head = str(default_head_path())
+    no_prices = default_extra_heads()["no-prices"]
+    assert no_prices.is_file()  # this checkout's bring-your-own example
+    heads, default = serve_heads(build_parser().parse_args(["serve"]), head, 0.6, own_model=True)
+    assert default == "sentiment" and list(heads) == ["sentiment", "no-prices"]
+    assert heads["sentiment"] == {"path": head, "threshold": 0.6} and heads["no-prices"]["path"] == str(no_prices)
+    argv = serve_argv("/m", head, "vfd", 4, "127.0.0.1", 8000, 0.6, [], heads=heads, default_head=default)
+    cfg = json.loads(argv[argv.index("--additional-config") + 1])
+    assert cfg["vfd"] == {"heads": heads, "default_head": "sentiment", "num_candidates": 4}
+    from value_steer.core.config import parse_additional_config
+
+    assert [h.name for h in parse_additional_config(cfg).heads] == ["sentiment", "no-prices"]
+    # Off by flag, with another model or --head, and in token mode; --extra-head adds any.
+    assert serve_heads(build_parser().parse_args(["serve", "--no-extra-heads"]), head, 0.6, True) == (None, None)
+    assert serve_heads(build_parser().parse_args(["serve"]), head, 0.6, own_model=False) == (None, None)
+    assert serve_heads(build_parser().parse_args(["serve", "--mode", "token"]), head, None, True) == (None, None)
+    mine = tmp_path / "mine.safetensors"
+    from tests.helpers import write_constant_head
+
+    write_constant_head(mine, 576, 0.0, 0.4)
+    args = build_parser().parse_args(["serve", "--no-extra-heads", "--extra-head", f"mine={mine}", "--head-name", "s"])
+    heads, default = serve_heads(args, head, None, True)
+    assert default == "s" and heads == {"s": {"path": head}, "mine": {"path": str(mine)}}
+    for bad in (["--extra-head", "mine"], ["--extra-head", "x=/nonexistent.safetensors"],
+                ["--extra-head", f"sentiment={mine}"]):
+        with pytest.raises(SystemExit, match="--extra-head"):
+            serve_heads(build_parser().parse_args(["serve", *bad]), head, None, True)

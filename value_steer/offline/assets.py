@@ -27,6 +27,13 @@ def default_head_path() -> Path:
     return Path(str(resources.files("value_steer") / "data" / "heads" / DEFAULT_HEAD))
 
 
+def default_extra_heads() -> dict[str, Path]:
+    """The second concept ``make serve`` loads beside the built-in head: the bring-your-own walkthrough's no-prices
+    head (``examples/no-prices``, in a source checkout; an installed wheel has no examples and serves one head)."""
+    root = Path(str(resources.files("value_steer"))).parent
+    return {"no-prices": root / "examples" / "no-prices" / "no-prices.safetensors"}
+
+
 def default_qhead_path() -> Path:
     """The committed Q-head of the committed value head (``value-steer train-qhead``; token-mode VFD)."""
     return Path(str(resources.files("value_steer") / "data" / "qheads" / "smollm2-135m-sentiment-q.safetensors"))

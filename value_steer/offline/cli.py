@@ -25,6 +25,7 @@ from pathlib import Path
 from value_steer.offline.assets import (
     TEMPERATURE,
     TOP_P,
+    default_extra_heads,
     default_head_path,
     default_logit_checkpoint,
     default_qhead_path,
@@ -48,17 +49,21 @@ def vfd_operating_threshold(head: str) -> float | None:
 
 def serve_argv(model: str, head: str, mode: str, num_candidates: int, host: str, port: int,
                threshold: float | None, extra: list[str], steering: dict | None = None,
-               logit_steering: dict | None = None, qhead: str | None = None) -> list[str]:
+               logit_steering: dict | None = None, qhead: str | None = None,
+               heads: dict[str, dict] | None = None, default_head: str | None = None) -> list[str]:
     """``vllm serve`` arguments: the model is served under its folder's name (``SmolLM2-135M-Instruct`` for
     the default), not its path, unless ``extra`` names one (``--served-model-name``). ``steering``: the
     activation-steering section, ``logit_steering`` the logit-steering one (None: none). ``mode`` ``token``:
-    token-mode VFD with the Q-head ``qhead`` (``head`` unused)."""
+    token-mode VFD with the Q-head ``qhead`` (``head`` unused). ``heads`` (``{name: {"path": ..., "threshold"?:
+    ...}}``) with ``default_head``: several named value heads instead of ``head``/``threshold``."""
     section: dict = {"value_head_path": head}
+    if heads:
+        section = {"heads": heads, "default_head": default_head}
     if mode == "vfd":
         section["num_candidates"] = num_candidates
     if mode == "token":
         section = {"mode": "token", "qhead_path": qhead}
-    if threshold is not None:
+    if threshold is not None and not (heads and mode != "token"):
         section["threshold"] = threshold
     config: dict = {"vfd" if mode == "token" else mode: section}
     if steering is not None:
@@ -112,12 +117,47 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         if args.generator and not checkpoint.is_file():
             raise SystemExit(f"value-steer serve: --generator: not found: {args.generator}")
         logit = {"checkpoint": str(checkpoint)} if checkpoint is not None and checkpoint.is_file() else None
+    heads, default_name = serve_heads(args, head, threshold, own_model)
     argv = serve_argv(model, head, args.mode, args.num_candidates, args.host, args.port, threshold, extra,
-                      steering, logit, qhead)
+                      steering, logit, qhead, heads, default_name)
     env = {**vllm_cpu_env("serve", in_process=False), **os.environ}
     print("value-steer serve: python -m value_steer.serving.launcher " + " ".join(argv), flush=True)
     os.execvpe(sys.executable, [sys.executable, "-m", "value_steer.serving.launcher", *argv], env)
     return 0  # not reached
+
+
+def serve_heads(args: argparse.Namespace, head: str, threshold: float | None, own_model: bool
+                ) -> tuple[dict[str, dict] | None, str | None]:
+    """The named heads ``value-steer serve`` loads beside ``--head`` (``--extra-head NAME=PATH``; with the default
+    model and head, also the bring-your-own example's no-prices head when this checkout has it), each at its
+    sidecar's VFD operating point (else its conformal threshold); None when there is only ``--head``."""
+    if args.mode == "token":
+        if args.extra_head:
+            raise SystemExit("value-steer serve: --extra-head: token mode filters with one Q-head (--qhead)")
+        return None, None
+    extra_heads: dict[str, str] = {}
+    if args.extra_heads and own_model and args.head is None:
+        example = default_extra_heads()
+        extra_heads.update({n: str(p) for n, p in example.items() if p.is_file()})
+    for item in args.extra_head or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"value-steer serve: --extra-head must be NAME=PATH, got {item!r}")
+        if not os.path.isfile(path):
+            raise SystemExit(f"value-steer serve: --extra-head {name}: value head not found: {path}")
+        extra_heads[name] = path
+    if not extra_heads:
+        return None, None
+    main_name = args.head_name
+    if main_name in extra_heads:
+        raise SystemExit(f"value-steer serve: --extra-head {main_name}: the name is --head's (--head-name)")
+    heads: dict[str, dict] = {main_name: {"path": head, **({"threshold": threshold} if threshold is not None else {})}}
+    for name, path in extra_heads.items():
+        point = vfd_operating_threshold(path) if args.mode == "vfd" else None
+        heads[name] = {"path": path, **({"threshold": point} if point is not None else {})}
+    print(f"value-steer serve: value heads {', '.join(heads)} (default {main_name}; a request picks one with "
+          "vllm_xargs {\"head\": NAME})", flush=True)
+    return heads, main_name
 
 
 def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
@@ -220,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["vfd", "abstain", "token"], default="vfd",
                    help="vfd (exact), abstain, or token (token-mode VFD with --qhead)")
     s.add_argument("--qhead", default=None, help="token mode's Q-head (default: the committed SmolLM2 one)")
+    s.add_argument("--head-name", default="sentiment",
+                   help="the name requests use for --head when several heads are loaded (default: sentiment)")
+    s.add_argument("--extra-head", action="append", default=None, metavar="NAME=PATH",
+                   help="another value head a request may choose with vllm_xargs {\"head\": NAME} (repeatable)")
+    s.add_argument("--extra-heads", action=argparse.BooleanOptionalAction, default=True,
+                   help="with the default model and head, also load the no-prices example's head as 'no-prices' "
+                   "(default: on when this checkout has examples/no-prices)")
     s.add_argument("--num-candidates", type=int, default=4)
     s.add_argument("--threshold", type=float, default=None,
                    help="default: vfd: the sidecar's recorded VFD operating point, else its conformal threshold")
