@@ -11,6 +11,8 @@ GPU goals from the issue (checked in the "met" column on GPU only):
   copy_kv_slots     32 layers in one launch: >= 5x a per-layer torch loop
   steer_activations / steer_gate: no goal set (timed against a per-request torch loop)
   logit_steer       no goal set (timed against a per-request torch loop; memory bound on the logits)
+  value_head_grouped no goal here (timed against a per-head torch loop); its goal, one-head time / grouped
+                    8-head time >= 0.9, is checked by `python benchmarks/bench_value_head_grouped.py`
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import bench_logit_steer
 import bench_score_and_select
 import bench_steer_activations
 import bench_value_head
+import bench_value_head_grouped
 from _common import device, device_name, format_table, peak_bandwidth
 
 import value_steer
@@ -88,6 +91,7 @@ def main() -> None:
     rows = bench_value_head.run(dev) + bench_score_and_select.run(dev) + bench_kv.run(dev)
     rows += bench_steer_activations.run(dev)
     rows += bench_logit_steer.run(dev)
+    rows += bench_value_head_grouped.run(dev)
     elapsed = time.time() - t0
     impl = "Triton kernels" if dev.type == "cuda" else (
         "C++ extension value_steer._C" if value_steer.has_extension() else "torch reference (value_steer._C NOT built)"

@@ -27,4 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate_b2"), py::arg("max_strength"));
   m.def("copy_kv_slots", &value_steer::copy_kv_slots, "Copy slot -> slot in every cache view", py::arg("caches"),
         py::arg("src_slots"), py::arg("dst_slots"));
+  m.def("value_head_grouped", &value_steer::value_head_grouped,
+        "Grouped value head: p[m] = head head_idx[m] on x[m] -> [M] fp32", py::arg("x"), py::arg("head_idx"),
+        py::arg("w0"), py::arg("b0"), py::arg("w2"), py::arg("b2"), py::arg("w4"), py::arg("b4"));
 }

@@ -18,6 +18,14 @@ namespace value_steer {
 at::Tensor value_head(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w2,
                       const at::Tensor& b2, const at::Tensor& w4, const at::Tensor& b4);
 
+// Grouped value head: p[m] = value head head_idx[m] on x[m] (value_steer/kernels/value_head_grouped.py).
+// x [M, H] float; head_idx [M_max >= M] int32 in [0, NH) (checked); w0/w2 [NH, H, H] fp32/bf16/fp16;
+// b0/b2/w4 [NH, H]; b4 [NH]. Returns [M] fp32, row m bitwise equal to value_head on x[m:m+1] with head
+// head_idx[m]'s weights.
+at::Tensor value_head_grouped(const at::Tensor& x, const at::Tensor& head_idx, const at::Tensor& w0,
+                              const at::Tensor& b0, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w4,
+                              const at::Tensor& b4);
+
 // Returns (winner_col i64, winner_token i64, winner_value f32, winner_logprob f32, intervened bool,
 //          force_eos bool, winner_hidden [R, H] or [R, 0] f32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_and_select(

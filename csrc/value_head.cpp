@@ -5,21 +5,27 @@
 // tree, then the tail); the final layer sums w4[n] * relu(...) per row in the same fixed order. The
 // work split (weight-row chunks x row blocks, spread over threads by at::parallel_for) only decides
 // *who* computes an element, never *how*, so a row's value is bitwise identical alone or in any batch,
-// with any thread count. The 1-row and 4-row dot kernels perform identical per-output arithmetic.
+// with any thread count. The 1-, 2-, 3- and 4-row dot kernels perform identical per-output arithmetic.
 //
 // Performance: the work item is a chunk of 16 weight rows x a block of 16 input rows, ordered so a
 // thread walks all row blocks of one weight chunk back to back (the chunk stays in L2); inside, four
 // input rows share each weight-row load. On x86-64 Linux the chunk kernels are built for AVX2 and for
 // the baseline ISA (GCC target_clones, runtime-dispatched); FMA is deliberately not enabled so both
 // clones round identically.
+//
+// The evaluation itself is value_steer::detail::value_head_segments (value_head_impl.h): a batch of row
+// segments, each with its own head's weights. This op is one segment; value_head_grouped.cpp passes one
+// per head in use, so both ops share every line of arithmetic.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "ops.h"
 #include "simd8.h"
+#include "value_head_impl.h"
 
 
 namespace value_steer {
@@ -87,7 +93,7 @@ VS_INLINE void dot4(const float* __restrict__ x0, const float* __restrict__ x1, 
   out[3] = lane_tree(l3, h3) + t3;
 }
 
-// One row against two weight rows (more loads in flight for the memory-bound M < 4 case); each
+// One row against two weight rows (more loads in flight for the memory-bound single-row case); each
 // output is bit-identical to dot1.
 template <typename W>
 VS_INLINE void dot1x2(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, int64_t n,
@@ -128,6 +134,28 @@ VS_INLINE float epilogue(int kind, float z, const float* w4, int64_t n) {
   return (z > 0.f ? z : 0.f) * w4[n];
 }
 
+// Two or three rows against one weight row (the rows of a block past its last full group of 4, e.g. a
+// head with 7 rows in a grouped batch): the rows share each weight load; out[i] is bit-identical to
+// dot1(x_i, w, n).
+template <int R, typename W>
+VS_INLINE void dot_r(const float* __restrict__ x, int64_t ldx, const W* __restrict__ w, int64_t n, float* out) {
+  v8f lo[R] = {}, hi[R] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    const v8f wl = load8(w + k), wh = load8(w + k + 8);
+    for (int i = 0; i < R; ++i) {
+      lo[i] += load8(x + i * ldx + k) * wl;
+      hi[i] += load8(x + i * ldx + k + 8) * wh;
+    }
+  }
+  float t[R] = {};
+  for (; k < n; ++k) {
+    const float wk = to_f(w[k]);
+    for (int i = 0; i < R; ++i) t[i] += x[i * ldx + k] * wk;
+  }
+  for (int i = 0; i < R; ++i) out[i] = lane_tree(lo[i], hi[i]) + t[i];
+}
+
 // out[m, n] = epilogue(dot(in[m], W[n]) + b[n]) for m in [m0, m1), n in [n0, n1).
 template <typename W>
 VS_INLINE void chunk_kernel(const float* in, const W* w, const float* b, const float* w4, float* out, int64_t h,
@@ -141,7 +169,20 @@ VS_INLINE void chunk_kernel(const float* in, const W* w, const float* b, const f
       for (int i = 0; i < 4; ++i) out[(m + i) * h + n] = epilogue(kind, r[i] + b[n], w4, n);
     }
   }
-  for (; m < m1; ++m) {
+  if (m1 - m == 2 || m1 - m == 3) {
+    const int64_t rest = m1 - m;
+    for (int64_t n = n0; n < n1; ++n) {
+      float r[3];
+      if (rest == 3) {
+        dot_r<3>(in + m * h, h, w + n * h, h, r);
+      } else {
+        dot_r<2>(in + m * h, h, w + n * h, h, r);
+      }
+      for (int64_t i = 0; i < rest; ++i) out[(m + i) * h + n] = epilogue(kind, r[i] + b[n], w4, n);
+    }
+    return;
+  }
+  for (; m < m1; ++m) {  // a single row: two weight rows at a time keep more loads in flight
     int64_t n = n0;
     for (; n + 2 <= n1; n += 2) {
       float r[2];
@@ -172,33 +213,45 @@ VS_CLONES void finish_rows(const float* contrib, float b4, float* out, int64_t h
   }
 }
 
-inline void chunk_dispatch(const float* in, const at::Tensor& w, const float* b, const float* w4, float* out,
-                           int64_t h, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int kind) {
-  switch (w.scalar_type()) {
+inline void chunk_dispatch(const float* in, const void* w, at::ScalarType w_dtype, const float* b, const float* w4,
+                           float* out, int64_t h, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int kind) {
+  switch (w_dtype) {
     case at::kFloat:
-      chunk_f32(in, w.const_data_ptr<float>(), b, w4, out, h, m0, m1, n0, n1, kind);
+      chunk_f32(in, static_cast<const float*>(w), b, w4, out, h, m0, m1, n0, n1, kind);
       break;
     case at::kBFloat16:
-      chunk_bf16(in, w.const_data_ptr<c10::BFloat16>(), b, w4, out, h, m0, m1, n0, n1, kind);
+      chunk_bf16(in, static_cast<const c10::BFloat16*>(w), b, w4, out, h, m0, m1, n0, n1, kind);
       break;
     case at::kHalf:
-      chunk_f16(in, w.const_data_ptr<c10::Half>(), b, w4, out, h, m0, m1, n0, n1, kind);
+      chunk_f16(in, static_cast<const c10::Half*>(w), b, w4, out, h, m0, m1, n0, n1, kind);
       break;
     default:
-      TORCH_CHECK(false, "value_head: unsupported weight dtype ", w.scalar_type());
+      TORCH_CHECK(false, "value_head: unsupported weight dtype ", w_dtype);
   }
 }
 
-void dense_layer(const float* in, const at::Tensor& w, const float* b, const float* w4, float* out, int64_t m,
-                 int64_t h, int kind) {
+// One layer over every segment (kind 0: W0/b0 -> tanh; kind 1: W2/b2 -> relu * w4). The work items of
+// all segments form one parallel range (segment-major, then weight chunk, then row block), so a batch
+// mixing heads costs one parallel region per layer, not one per head.
+void dense_layer(const float* in, float* out, int64_t h, at::ScalarType w_dtype,
+                 const std::vector<detail::ValueHeadSegment>& segs, int kind) {
   const int64_t n_chunks = (h + kColChunk - 1) / kColChunk;
-  const int64_t m_blocks = (m + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, n_chunks * m_blocks, 1, [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> item_start(segs.size() + 1, 0);
+  for (size_t s = 0; s < segs.size(); ++s) {
+    item_start[s + 1] = item_start[s] + n_chunks * ((segs[s].rows + kRowBlock - 1) / kRowBlock);
+  }
+  at::parallel_for(0, item_start.back(), 1, [&](int64_t begin, int64_t end) {
+    size_t s = std::upper_bound(item_start.begin(), item_start.end(), begin) - item_start.begin() - 1;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t c = item / m_blocks, mb = item % m_blocks;
+      while (item >= item_start[s + 1]) ++s;
+      const detail::ValueHeadSegment& seg = segs[s];
+      const int64_t m_blocks = (seg.rows + kRowBlock - 1) / kRowBlock;
+      const int64_t local = item - item_start[s];
+      const int64_t c = local / m_blocks, mb = local % m_blocks;
       const int64_t n0 = c * kColChunk, n1 = std::min(h, n0 + kColChunk);
-      const int64_t m0 = mb * kRowBlock, m1 = std::min(m, m0 + kRowBlock);
-      chunk_dispatch(in, w, b, w4, out, h, m0, m1, n0, n1, kind);
+      const int64_t m0 = seg.row0 + mb * kRowBlock, m1 = std::min(seg.row0 + seg.rows, m0 + kRowBlock);
+      chunk_dispatch(in, kind == 0 ? seg.w0 : seg.w2, w_dtype, kind == 0 ? seg.b0 : seg.b2,
+                     kind == 0 ? nullptr : seg.w4, out, h, m0, m1, n0, n1, kind);
     }
   });
 }
@@ -225,16 +278,29 @@ at::Tensor value_head(const at::Tensor& x, const at::Tensor& w0, const at::Tenso
   const auto b2f = b2.to(at::kFloat).contiguous();
   const auto w4f = w4.to(at::kFloat).contiguous();
   const float b4v = b4.to(at::kFloat).reshape({-1})[0].item<float>();
-  auto h1 = at::empty({m, h}, xf.options());
-  auto contrib = at::empty({m, h}, xf.options());
-
-  dense_layer(xf.const_data_ptr<float>(), w0c, b0f.const_data_ptr<float>(), nullptr, h1.data_ptr<float>(), m, h, 0);
-  dense_layer(h1.const_data_ptr<float>(), w2c, b2f.const_data_ptr<float>(), w4f.const_data_ptr<float>(),
-              contrib.data_ptr<float>(), m, h, 1);
-  const float* cp = contrib.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) { finish_rows(cp, b4v, op, h, begin, end); });
+  const std::vector<detail::ValueHeadSegment> segs = {{w0c.const_data_ptr(), w2c.const_data_ptr(),
+                                                       b0f.const_data_ptr<float>(), b2f.const_data_ptr<float>(),
+                                                       w4f.const_data_ptr<float>(), b4v, 0, m}};
+  detail::value_head_segments(xf.const_data_ptr<float>(), m, h, w0c.scalar_type(), segs, out.data_ptr<float>());
   return out;
 }
 
+namespace detail {
+
+void value_head_segments(const float* x, int64_t m, int64_t h, at::ScalarType w_dtype,
+                         const std::vector<ValueHeadSegment>& segments, float* out) {
+  auto h1 = at::empty({m, h}, at::TensorOptions().dtype(at::kFloat));
+  auto contrib = at::empty({m, h}, at::TensorOptions().dtype(at::kFloat));
+  dense_layer(x, h1.data_ptr<float>(), h, w_dtype, segments, 0);
+  dense_layer(h1.const_data_ptr<float>(), contrib.data_ptr<float>(), h, w_dtype, segments, 1);
+  const float* cp = contrib.const_data_ptr<float>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (const ValueHeadSegment& seg : segments) {  // each row's own head's b4
+      const int64_t r0 = std::max(begin, seg.row0), r1 = std::min(end, seg.row0 + seg.rows);
+      if (r0 < r1) finish_rows(cp, seg.b4, out, h, r0, r1);
+    }
+  });
+}
+
+}  // namespace detail
 }  // namespace value_steer

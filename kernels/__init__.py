@@ -4,6 +4,8 @@ One module per op, Liger-style: the torch reference hook, the Triton kernel and 
 dispatch and the ``torch.library`` registration (with its fake) live together:
 
 - ``value_head``: fused value-head MLP ``x [M, H] -> p [M]`` (batch invariant).
+- ``value_head_grouped``: the same over several stacked heads, row ``m`` scored by head ``head_idx[m]`` (one
+  call for a batch mixing heads, the grouped-GEMM pattern; batch invariant).
 - ``score_and_select``: per-row VFD / abstention decision over the row table, winner gathers.
 - ``copy_kv_slots``: slot -> slot paged-KV copies across all layers in one launch (VFD's commit).
 - ``write_kv``: paged-KV scatter of new tokens by slot, the design card's FA-layout KV write
@@ -50,6 +52,12 @@ from value_steer.kernels.value_head import (
     value_head_reference,
     value_head_triton,
 )
+from value_steer.kernels.value_head_grouped import (
+    prepare_value_head_grouped_weights,
+    value_head_grouped,
+    value_head_grouped_reference,
+    value_head_grouped_triton,
+)
 from value_steer.kernels.write_kv import (
     copy_kv_slots,
     copy_kv_slots_reference,
@@ -72,6 +80,7 @@ __all__ = [
     "logit_steer_reference",
     "logit_steer_triton",
     "prepare_logit_steer_weights",
+    "prepare_value_head_grouped_weights",
     "prepare_value_head_weights",
     "score_and_select",
     "score_and_select_reference",
@@ -83,6 +92,9 @@ __all__ = [
     "steer_gate_reference",
     "steer_gate_triton",
     "value_head",
+    "value_head_grouped",
+    "value_head_grouped_reference",
+    "value_head_grouped_triton",
     "value_head_reference",
     "value_head_triton",
     "write_kv",

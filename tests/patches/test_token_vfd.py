@@ -126,7 +126,8 @@ def test_composes_with_logit_and_activation_steering(llm, planted, tmp_path):
 @pytest.mark.parametrize(("extra", "message"), [
     ({"token_beta": -1}, r"token_beta must be a number in \[0, 100\]"),
     ({"token_beta": "x"}, "token_beta must be a number"),
-    ({"num_candidates": 2}, "exact mode or in token mode with vfd.num_candidates"), ({"threshold": 2}, "threshold must be"),
+    ({"num_candidates": 2}, "exact mode or in token mode with vfd.num_candidates"),
+    ({"threshold": 2}, "threshold must be"),
 ])
 def test_bad_request_args_are_refused_naming_the_field(llm, extra, message):
     from vllm import SamplingParams

@@ -91,7 +91,8 @@ def test_logit_rows_are_their_own_and_steer_like_the_reference(gen_path, tmp_pat
     st.update_batch(["c", "b", "d"])
     st.flush()
     assert d.logit_row == 1 and st.stats_for("d")["logit_steering"] == {
-        "strength": 1.0, "generator": "default", "num_steered": 0, "mean_gate_strength": None, "max_gate_strength": None}
+        "strength": 1.0, "generator": "default", "num_steered": 0, "mean_gate_strength": None,
+        "max_gate_strength": None}
 
 
 def test_batch_without_logit_requests_skips_the_op(gen_path):
