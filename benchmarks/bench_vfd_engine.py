@@ -59,14 +59,18 @@ def _llm(model: str, max_num_seqs: int, block_size: int, config: dict | None):
                        block_size=block_size, enable_prefix_caching=False)
 
 
-def _time_gen(llm, prompts, n_tokens: int, extra_args: dict | None) -> float:
+def _time_gen(llm, prompts, n_tokens: int, extra_args: dict | None, per_request: list[dict] | None = None) -> float:
     from vllm import SamplingParams
 
     # No per-request seed: vLLM 0.32's CPU runner crashes rewinding a seeded generator when a prefill is
     # chunked ("CPU Generator does not use offset", gpu_model_runner._bookkeeping_sync), which R*K = 256
     # prompts do. The engine seed still fixes the draws.
-    sp = SamplingParams(max_tokens=n_tokens, min_tokens=n_tokens, ignore_eos=True, temperature=0.8, top_p=0.95,
-                        extra_args=extra_args)
+    def params(extra: dict | None) -> SamplingParams:
+        return SamplingParams(max_tokens=n_tokens, min_tokens=n_tokens, ignore_eos=True, temperature=0.8,
+                              top_p=0.95, extra_args=extra)
+
+    sp = [params(per_request[i % len(per_request)]) for i in range(len(prompts))] if per_request else params(
+        extra_args)
     t0 = time.perf_counter()
     outs = llm.chat(prompts, sp, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -74,14 +78,16 @@ def _time_gen(llm, prompts, n_tokens: int, extra_args: dict | None) -> float:
     return dt
 
 
-def step_time(llm, n_rows: int, t_short: int, t_long: int, extra_args: dict | None, repeats: int) -> float:
-    """Seconds per decode step with ``n_rows`` requests in the batch (min over ``repeats``)."""
+def step_time(llm, n_rows: int, t_short: int, t_long: int, extra_args: dict | None, repeats: int,
+              per_request: list[dict] | None = None) -> float:
+    """Seconds per decode step with ``n_rows`` requests in the batch (min over ``repeats``); ``per_request``: the
+    requests' extra args, cycled (instead of ``extra_args`` for all)."""
     prompts = _prompts(n_rows)
-    _time_gen(llm, prompts[:1], 2, extra_args)  # warm caches for this batch shape's code paths
+    _time_gen(llm, prompts[:1], 2, extra_args, per_request)  # warm caches for this batch shape's code paths
     best = float("inf")
     for _ in range(repeats):
-        short = _time_gen(llm, prompts, t_short, extra_args)
-        long = _time_gen(llm, prompts, t_long, extra_args)
+        short = _time_gen(llm, prompts, t_short, extra_args, per_request)
+        long = _time_gen(llm, prompts, t_long, extra_args, per_request)
         best = min(best, (long - short) / (t_long - t_short))
     return best
 

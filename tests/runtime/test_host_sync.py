@@ -186,3 +186,59 @@ def test_vfd_step_on_cpu_selects_and_advances(head_path):
     assert torch.equal(pipes.pending_tokens[rows_t], toks)
     assert pipes.committed_tok[rows].tolist() == won.token.tolist() and pipes.pending_pos[rows].tolist() == [42] * 4
     assert state.counters_dict()["tokens_scored"] == 4
+
+
+def _heads_state(tmp_path, device: torch.device) -> tuple[SteeringState, list[ValueHead]]:
+    heads = []
+    section = {}
+    for i, (name, thr) in enumerate((("a", 0.2), ("b", 0.9), ("c", 0.5))):
+        torch.manual_seed(10 + i)
+        head = ValueHead(H)
+        with torch.no_grad():
+            head[4].weight.mul_(20.0)
+        save_value_head(str(tmp_path / f"{name}.safetensors"), head, threshold=thr)
+        heads.append(head.eval())
+        section[name] = {"path": str(tmp_path / f"{name}.safetensors")}
+    cfg = parse_additional_config({"abstain": {"heads": section, "default_head": "b"}})
+    return SteeringState(cfg, hidden_size=H, max_num_seqs=8, device=device, max_batch_slots=8), heads
+
+
+def test_several_heads_score_each_row_by_its_own_head(tmp_path):
+    """Abstention with named heads: each row's value is its request's head's, its threshold that head's sidecar's,
+    all in one grouped op; the stats name the head."""
+    state, heads = _heads_state(tmp_path, torch.device("cpu"))
+    assert state.head_names == ("a", "b", "c") and state.head_thresholds == (0.2, 0.9, 0.5)
+    state.add_request("r0", {"head": "c"}, 2, False)
+    state.add_request("r1", None, 2, False)  # the default head, b
+    state.add_request("r2", {"head": "a"}, 2, False)
+    state.add_request("r3", {"head": "c", "threshold": 0.0}, 2, False)
+    state.update_batch(["r0", "r1", "r2", "r3"])
+    state.flush()
+    hidden = torch.randn(4, H)
+    sampled = torch.full((4, 1), 7, dtype=torch.int32)
+    vals, force = state.abstain(hidden, state.upload_step_rows(state.slot_row[:4].astype(np.int32)), sampled,
+                                state.slot_eos.device[:4])
+    with torch.no_grad():
+        want = torch.stack([heads[h].p(hidden[i:i + 1])[0] for i, h in enumerate((2, 1, 0, 2))])
+    torch.testing.assert_close(vals, want, rtol=0, atol=1e-5)
+    thresholds = torch.tensor([0.5, 0.9, 0.2, 0.0])
+    assert force.tolist() == (vals >= thresholds).tolist()
+    assert [state.stats_for(r)["head"] for r in ("r0", "r1", "r2", "r3")] == ["c", "b", "a", "c"]
+    assert [state.stats_for(r)["threshold"] for r in ("r0", "r1", "r2", "r3")] == [0.5, 0.9, 0.2, 0.0]
+
+
+def test_several_heads_keep_the_steady_step_budget(tmp_path, sync_counter):
+    """The head column is one more row-table column: a steady step still makes one H2D copy and no read-back."""
+    state, _ = _heads_state(tmp_path, META)
+    state.add_request("r0", {"head": "c"}, 2, False)
+    state.add_request("r1", None, 2, False)
+    state.update_batch(["r0", "r1"])
+    state.flush()
+    hidden = torch.empty((2, H), device=META)
+    sampled = torch.empty((2, 1), dtype=torch.int32, device=META)
+    with sync_counter() as c:
+        state.update_batch(["r0", "r1"])
+        state.flush()
+        row_idx = state.upload_step_rows(state.slot_row[:2].astype(np.int32))
+        state.abstain(hidden, row_idx, sampled, state.slot_eos.device[:2])
+    assert c.blocking == 0 and c.counts["list_to_device"] == 0 and c.counts["h2d"] == 1, c.log

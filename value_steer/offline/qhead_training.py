@@ -165,12 +165,12 @@ def train_qhead(data: CandidateData, vocab_size: int, *, rank: int, epochs: int,
             if rank_weight > 0.0:
                 t = target_logit[idx]
                 within = ((q - q.mean(1, keepdim=True)) - (t - t.mean(1, keepdim=True))).pow(2).mean()
-                total_rank += float(within) * idx.shape[0]
+                total_rank += float(within.detach()) * idx.shape[0]
                 loss = loss + rank_weight * within
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * idx.shape[0]
+            total += float(loss.detach()) * idx.shape[0]
         history.append({"epoch": epoch, "loss": total / n, "within_step_mse": total_rank / n})
         print(f"train-qhead: epoch {epoch} loss {total / n:.4f} (within-step {total_rank / n:.4f})", flush=True)
     return head.eval(), history
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "value-steer train-qhead " + " ".join(argv if argv is not None else sys.argv[2:])
     training = {"head": str(args.head), "task": task.record(), "model": model_record(model),
                 "data": {"train_steps": len(train), "held_out_steps": len(held), "num_candidates": args.num_candidates,
-                         "max_tokens": args.max_tokens, "temperature": TEMPERATURE, "top_p": TOP_P},
+                         "max_tokens": args.max_tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
+                         **({"collected_by_earlier_run": str(args.data)} if args.data is not None else {})},
                 "rank": args.rank, "epochs": args.epochs, "lr": args.lr, "rank_weight": args.rank_weight,
                 "weight_decay": args.weight_decay, "history": history, "report": report,
                 "wall_s": time.time() - t_start}
