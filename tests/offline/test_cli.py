@@ -100,8 +100,19 @@ def test_serve_answers_with_the_committed_head(tmp_path):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"]
         stats = requests.get(f"{url}/v1/value_steer/requests/{r.json()['id']}", timeout=30).json()["stats"]
-        assert stats["mode"] == "vfd" and stats["num_candidates"] == 4
+        assert stats["mode"] == "vfd" and stats["num_candidates"] == 4 and stats["head"] == "sentiment"
         assert stats["num_scored"] == r.json()["usage"]["completion_tokens"]
+        # The second concept's head, as the README's request picks it; an unknown one is a 400 naming both.
+        r = requests.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": model, "max_tokens": 8, "temperature": 0.8, "seed": 1, "vllm_xargs": {"head": "no-prices"},
+            "messages": [{"role": "user", "content": "How much does a weekend in Lisbon cost?"}]})
+        assert r.status_code == 200, r.text
+        stats = requests.get(f"{url}/v1/value_steer/requests/{r.json()['id']}", timeout=30).json()["stats"]
+        assert stats["head"] == "no-prices" and stats["threshold"] == pytest.approx(0.6)
+        r = requests.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": model, "max_tokens": 8, "vllm_xargs": {"head": "toxicity"},
+            "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 400 and "head must be one of ['sentiment', 'no-prices']" in r.text, r.text
     finally:
         proc.terminate()
         try:
