@@ -312,7 +312,7 @@ class SteeringRunnerMixin:
         skip = self.discard_request_mask.np[:n].astype(bool)  # type: ignore[attr-defined]
         row_idx = st.upload_step_rows(np.where(skip, 0, rows).astype(np.int32))
         t = st.rows
-        out, q, changed = token.filter(hidden[:n], logits, row_idx, t.threshold, t.sign, t.mode)
+        out, q, changed = token.filter(hidden[:n], logits, row_idx, t.threshold, t.sign, t.mode, t.head)
         return out, q, changed, row_idx
 
     def _vs_forced_eos_logprobs(self, lpt: Any, force: torch.Tensor, eos: torch.Tensor, idx: torch.Tensor,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from value_steer.core.config import SteerConfig, parse_additional_config
-from value_steer.core.modes import MODE_VFD
+from value_steer.core.modes import MODE_TOKEN, MODE_VFD
 from value_steer.patches.vllm_0_32.api import publish_config
 from value_steer.patches.vllm_0_32.contract import SUPPORTED_RUNNERS
 from value_steer.patches.vllm_0_32.runner import SteeringRunnerMixin
@@ -228,7 +228,7 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
         if mode is not None and mode.has_full_cudagraphs() and cc.cudagraph_capture_sizes:
             problems.append(f"cudagraph_mode {mode.name}: vfd cannot run in full CUDA graphs (its candidate "
                             f"rows change the decode batch); {_FIX_GRAPHS}")
-    if cfg.heads:
+    if cfg.heads and cfg.mode != MODE_TOKEN:
         # Before any engine starts: every value head must fit this model's hidden size (each file is small).
         from value_steer.core.checkpoint import load_value_head
         from value_steer.core.config import SINGLE_HEAD_NAME
@@ -250,15 +250,19 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
                                  vocab_size=model_vocab_size(vllm_config))
             except (OSError, ValueError) as exc:
                 problems.append(f"{gen.field}: {exc}")
-    if cfg.qhead_path is not None:
-        # Token mode: the Q-head must fit this model's hidden size and logits.
+    if cfg.mode == MODE_TOKEN:
+        # Token mode: every Q-head must fit this model's hidden size and logits.
+        from value_steer.core.config import SINGLE_HEAD_NAME
         from value_steer.core.qhead import load_qhead
 
-        try:
-            load_qhead(cfg.qhead_path, hidden_size=model_hidden_size(vllm_config),
-                       vocab_size=model_vocab_size(vllm_config))
-        except (OSError, ValueError) as exc:
-            problems.append(f"vfd.qhead_path: {exc}")
+        for head in cfg.heads:
+            field = ("vfd.qhead_path" if len(cfg.heads) == 1 and head.name == SINGLE_HEAD_NAME
+                     else f"vfd.heads.{head.name}")
+            try:
+                load_qhead(head.path, hidden_size=model_hidden_size(vllm_config),
+                           vocab_size=model_vocab_size(vllm_config))
+            except (OSError, ValueError) as exc:
+                problems.append(f"{field}: {exc}")
     if problems:
         raise StartupError(problems)
 

@@ -11,7 +11,7 @@ from value_steer.core.config import (
     parse_additional_config,
     parse_request_args,
 )
-from value_steer.core.modes import MODE_ABSTAIN, MODE_OFF, MODE_VFD
+from value_steer.core.modes import MODE_ABSTAIN, MODE_OFF, MODE_TOKEN, MODE_VFD
 
 
 @pytest.fixture
@@ -436,7 +436,11 @@ def test_unknown_head_is_refused_naming_the_known_ones(head_file):
     ({"heads": {"a": "H"}}, r"vfd\.heads\.a must be a JSON object"),
     ({"value_head_path": "H", "default_head": "a"}, r"vfd\.default_head needs vfd\.heads"),
     ({"heads": {f"h{i}": {"path": "H"} for i in range(17)}, "default_head": "h0"}, r"vfd\.heads: at most 16"),
-    ({"mode": "token", "qhead_path": "H", "heads": {"a": {"path": "H"}}}, r"vfd\.heads is not used in token mode"),
+    ({"mode": "token", "qhead_path": "H", "heads": {"a": {"path": "H"}}}, r"vfd\.qhead_path cannot be given beside"),
+    ({"mode": "token", "heads": {"a": {"path": "H", "direction": "below"}}},
+     r"vfd\.heads\.a\.direction is not used in token mode"),
+    ({"mode": "token", "heads": {"a": {"path": "H"}, "b": {"path": "H"}}}, r"vfd\.default_head is required"),
+    ({"mode": "token", "qhead_path": "H", "default_head": "a"}, r"vfd\.default_head needs vfd\.heads"),
 ])
 def test_bad_heads_config_names_the_field(head_file, sec, msg):
     def fill(x):
@@ -446,3 +450,17 @@ def test_bad_heads_config_names_the_field(head_file, sec, msg):
 
     with pytest.raises(ConfigError, match=msg):
         parse_additional_config({"vfd": fill(sec)})
+
+
+def test_token_mode_named_qheads(head_file, tmp_path):
+    other = tmp_path / "q2.safetensors"
+    other.write_bytes(b"x")
+    cfg = parse_additional_config({"vfd": {"mode": "token", "heads": {"tone": {"path": head_file, "threshold": 0.7},
+                                                                      "prices": {"path": str(other)}},
+                                           "default_head": "prices", "beta": 1.0}})
+    assert cfg.mode == MODE_TOKEN and cfg.qhead_path == str(other) and cfg.default_head == 1 and cfg.beta == 1.0
+    assert [(h.name, h.threshold) for h in cfg.heads] == [("tone", 0.7), ("prices", None)]
+    r = parse_request_args({"head": "tone"}, cfg, 0.5, head_thresholds=[0.7, 0.4])
+    assert (r.mode, r.head, r.threshold) == (MODE_TOKEN, 0, 0.7)
+    single = parse_additional_config({"vfd": {"mode": "token", "qhead_path": head_file, "threshold": 0.3}})
+    assert [(h.name, h.path, h.threshold) for h in single.heads] == [("default", head_file, 0.3)]

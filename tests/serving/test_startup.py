@@ -190,6 +190,10 @@ def test_token_mode_keeps_async_scheduling_and_full_cuda_graphs(fresh_env, tiny_
     save_qhead(other, QHead(TINY_HIDDEN * 2, 512, 2), threshold=0.5)
     with pytest.raises(StartupError, match=r"vfd\.qhead_path: .*hidden_size 128 does not match the model's 64"):
         check_engine_config(cfg, parse_additional_config({"vfd": {"mode": "token", "qhead_path": str(other)}}))
+    named = {"vfd": {"mode": "token", "heads": {"ok": {"path": str(q)}, "wide": {"path": str(other)}},
+                     "default_head": "ok"}}
+    with pytest.raises(StartupError, match=r"vfd\.heads\.wide: .*hidden_size 128 does not match the model's 64"):
+        check_engine_config(cfg, parse_additional_config(named))
 
 
 def test_every_value_head_must_fit_the_model(fresh_env, tiny_model_dir, head, tmp_path):

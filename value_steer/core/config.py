@@ -331,10 +331,9 @@ def parse_additional_config(raw: dict[str, Any] | None, *, check_files: bool = T
     )
 
 
-def _check_path(value: Any, field: str, check_files: bool) -> str:
+def _check_path(value: Any, field: str, check_files: bool, what: str = "a value-head checkpoint") -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{field} must be a non-empty string (path to a value-head checkpoint), got "
-                          f"{short_repr(value)}")
+        raise ConfigError(f"{field} must be a non-empty string (path to {what}), got {short_repr(value)}")
     path = os.path.expanduser(value)
     if check_files and not os.path.isfile(path):
         raise ConfigError(f"{field}: no such file: {path}")
@@ -347,7 +346,8 @@ def _check_direction(value: Any, field: str) -> str:
     return value
 
 
-def _parse_heads(sec: dict[str, Any], name: str, check_files: bool) -> tuple[tuple[HeadConfig, ...], int]:
+def _parse_heads(sec: dict[str, Any], name: str, check_files: bool, what: str = "a value-head checkpoint"
+                 ) -> tuple[tuple[HeadConfig, ...], int]:
     """The section's value heads: ``value_head_path`` (one head, named :data:`SINGLE_HEAD_NAME`) or ``heads``
     (``{name: {"path": ..., "threshold"?: ..., "direction"?: ...}}``) with ``default_head``; returns the heads and
     the default's index."""
@@ -385,11 +385,11 @@ def _parse_heads(sec: dict[str, Any], name: str, check_files: bool) -> tuple[tup
         if bad:
             raise ConfigError(f"{where}: unknown key(s) {bad}; allowed: {list(HEAD_KEYS)}")
         if "path" not in entry:
-            raise ConfigError(f"{where}.path is required (path to a value-head checkpoint)")
+            raise ConfigError(f"{where}.path is required (path to {what})")
         threshold = None
         if entry.get("threshold") is not None:
             threshold = _check_threshold(entry["threshold"], f"{where}.threshold", ConfigError)
-        heads.append(HeadConfig(hname, _check_path(entry["path"], f"{where}.path", check_files), threshold,
+        heads.append(HeadConfig(hname, _check_path(entry["path"], f"{where}.path", check_files, what), threshold,
                                 _check_direction(entry.get("direction", "above"), f"{where}.direction")))
     names = [h.name for h in heads]
     if "default_head" in sec:
@@ -406,10 +406,26 @@ def _parse_heads(sec: dict[str, Any], name: str, check_files: bool) -> tuple[tup
 def _parse_token_mode(sec: dict[str, Any], check_files: bool, capture: CaptureConfig | None,
                       steering: SteeringConfig | None, logit: LogitSteeringConfig | None) -> SteerConfig:
     """``"vfd": {"mode": "token", "qhead_path": ..., "threshold"?, "beta"?, "enabled_by_default"?}``."""
-    for key in ("schedule", "direction", "value_head_path", "heads", "default_head"):
+    for key in ("schedule", "direction", "value_head_path"):
         if key in sec:
             raise ConfigError(f"vfd.{key} is not used in token mode (a Q-head scores every token in one matmul; its "
                               "sidecar gives the direction)")
+    heads: tuple[HeadConfig, ...] = ()
+    default_head = 0
+    if "heads" in sec:  # several named Q-heads, a request picks one with "head"
+        if "qhead_path" in sec:
+            raise ConfigError("vfd.qhead_path cannot be given beside vfd.heads; name it there "
+                              "(vfd.heads.<name>.path)")
+        raw = sec["heads"]
+        for hname, entry in (raw.items() if isinstance(raw, dict) else ()):
+            if isinstance(entry, dict) and "direction" in entry:
+                raise ConfigError(f"vfd.heads.{hname}.direction is not used in token mode (the Q-head's sidecar gives "
+                                  "it)")
+        heads, default_head = _parse_heads(sec, "vfd", check_files, what="a Q-head checkpoint")
+        sec = {**{k: v for k, v in sec.items() if k not in ("heads", "default_head")},
+               "qhead_path": heads[default_head].path}
+    elif "default_head" in sec:
+        raise ConfigError("vfd.default_head needs vfd.heads (named Q-heads)")
     token_k = 0  # the mask rule
     if "num_candidates" in sec:  # the K-candidate rule (value_steer.core.qhead.k_emulation_factors)
         token_k = sec["num_candidates"]
@@ -418,8 +434,8 @@ def _parse_token_mode(sec: dict[str, Any], check_files: bool, capture: CaptureCo
                               f"{short_repr(token_k)}")
     path = sec.get("qhead_path")
     if not isinstance(path, str) or not path:
-        raise ConfigError(f"vfd.qhead_path is required in token mode (a Q-head checkpoint, value-steer train-qhead), "
-                          f"got {short_repr(path)}")
+        raise ConfigError(f"vfd.qhead_path is required in token mode (a Q-head checkpoint, value-steer train-qhead; "
+                          f"or vfd.heads for several named Q-heads), got {short_repr(path)}")
     path = os.path.expanduser(path)
     if check_files and not os.path.isfile(path):
         raise ConfigError(f"vfd.qhead_path: no such file: {path}")
@@ -428,9 +444,11 @@ def _parse_token_mode(sec: dict[str, Any], check_files: bool, capture: CaptureCo
         threshold = _check_threshold(sec["threshold"], "vfd.threshold", ConfigError)
     beta = _check_beta(sec.get("beta", 0.0), "vfd.beta", ConfigError)
     enabled = _check_bool(sec.get("enabled_by_default", True), "vfd.enabled_by_default", ConfigError)
-    return SteerConfig(mode=MODE_TOKEN, threshold=threshold, enabled_by_default=enabled, capture=capture,
-                       steering=steering, logit_steering=logit, qhead_path=path, beta=beta,
-                       num_candidates=max(token_k, 1), token_k=token_k)
+    if not heads:
+        heads = (HeadConfig(SINGLE_HEAD_NAME, path, threshold),)
+    return SteerConfig(mode=MODE_TOKEN, threshold=heads[default_head].threshold, enabled_by_default=enabled,
+                       capture=capture, steering=steering, logit_steering=logit, qhead_path=path, beta=beta,
+                       num_candidates=max(token_k, 1), token_k=token_k, heads=heads, default_head=default_head)
 
 
 def _check_beta(value: Any, field: str, err: type[ValueError]) -> float:

@@ -28,7 +28,7 @@ import torch
 from value_steer.core.checkpoint import HeadCheckpoint, load_value_head
 from value_steer.core.config import SINGLE_HEAD_NAME, RequestSteer, SteerConfig, parse_request_args
 from value_steer.core.logit_steer import load_logit_steer
-from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF, MODE_TOKEN, MODE_VFD
+from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF, MODE_TOKEN
 from value_steer.core.qhead import load_qhead
 from value_steer.core.row_table import RowTable
 from value_steer.core.steering_spec import RequestArgError, VectorRef, fingerprint, inline_norm
@@ -89,7 +89,7 @@ class SteeringState:
         self.head_names: tuple[str, ...] = tuple(h.name for h in config.heads)
         self.head_thresholds: tuple[float, ...] = ()
         self.head_checkpoints: tuple[HeadCheckpoint, ...] = ()
-        if config.heads:
+        if config.heads and config.mode != MODE_TOKEN:
             ckpts, thresholds = [], []
             for i, hc in enumerate(config.heads):
                 field = f"{config.section}.value_head_path" if len(config.heads) == 1 and not i and \
@@ -121,19 +121,27 @@ class SteeringState:
                 logger.info("value_steer: %d value heads (%s), default %r", len(ckpts),
                             ", ".join(f"{n} t={t:.4g}" for n, t in zip(self.head_names, thresholds)),
                             self.head_names[config.default_head])
-        # Token mode (value_steer.runtime.token_filter): the Q-head, its operating point from its sidecar.
+        # Token mode (value_steer.runtime.token_filter): the Q-heads (one per named head), each with its operating
+        # point from its sidecar unless the config sets the threshold.
         self.token: TokenFilterTables | None = None
-        if config.qhead_path is not None:
+        if config.mode == MODE_TOKEN:
             if vocab_size is None:
                 raise ValueError("token mode needs the width of the model's logits (vocab_size)")
-            try:
-                qck = load_qhead(config.qhead_path, hidden_size=hidden_size, vocab_size=vocab_size)
-            except (FileNotFoundError, ValueError) as exc:
-                raise ValueError(f"vfd.qhead_path: {exc}") from exc
-            self.default_threshold = float(config.threshold if config.threshold is not None else qck.threshold)
-            self.token = TokenFilterTables(qck, max_num_seqs + 1, self.device)
-            logger.info("value_steer: token-mode VFD with Q-head %s (rank %d, threshold %g, direction %s, beta %g)",
-                        config.qhead_path, qck.head.rank, self.default_threshold, qck.direction, config.beta)
+            qcks, thresholds = [], []
+            for hc in config.heads:
+                field = "vfd.qhead_path" if len(config.heads) == 1 and hc.name == SINGLE_HEAD_NAME else \
+                    f"vfd.heads.{hc.name}"
+                try:
+                    qck = load_qhead(hc.path, hidden_size=hidden_size, vocab_size=vocab_size)
+                except (FileNotFoundError, ValueError) as exc:
+                    raise ValueError(f"{field}: {exc}") from exc
+                qcks.append(qck)
+                thresholds.append(float(hc.threshold if hc.threshold is not None else qck.threshold))
+                logger.info("value_steer: token-mode VFD with Q-head %r: %s (rank %d, threshold %g, direction %s, "
+                            "beta %g)", hc.name, hc.path, qck.head.rank, thresholds[-1], qck.direction, config.beta)
+            self.head_thresholds = tuple(thresholds)
+            self.default_threshold = thresholds[config.default_head]
+            self.token = TokenFilterTables(qcks, max_num_seqs + 1, self.device)
         num_rows = max_num_seqs + 1
         self.rows = RowTable.empty(num_rows, device=self.device)
         self.stats = DeviceStats(num_rows, self.device)
@@ -257,8 +265,8 @@ class SteeringState:
             sign = steer.sign
             if steer.mode == MODE_TOKEN:
                 assert self.token is not None  # MODE_TOKEN comes from a config with a Q-head
-                sign = self.token.checkpoint.sign  # the Q-head was distilled for its sidecar's direction
-                self.token.stage_row(row, steer.beta, steer.num_candidates if self.config.token_k else 0)
+                sign = self.token.checkpoints[steer.head].sign  # the Q-head was distilled for its sidecar's direction
+                self.token.stage_row(row, steer.beta, steer.num_candidates if self.config.token_k else 0, steer.head)
             self.rows.stage_row(row, mode=steer.mode, threshold=steer.threshold, sign=sign,
                                 num_candidates=steer.num_candidates, head=steer.head)
             self.stats.stage_reset(row)
@@ -266,7 +274,7 @@ class SteeringState:
             name = MODE_NAMES[steer.mode]
             self.counters.by_mode[name] = self.counters.by_mode.get(name, 0) + 1
         info = RequestInfo(mode=MODE_NAMES[steer.mode], threshold=steer.threshold, num_candidates=steer.num_candidates)
-        if steer.mode in (MODE_ABSTAIN, MODE_VFD):
+        if steer.mode != MODE_OFF:
             info.head = self.head_names[steer.head]
         if steer.mode == MODE_TOKEN:
             info.beta = steer.beta

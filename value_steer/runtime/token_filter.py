@@ -16,6 +16,8 @@ Tables (``N = max_num_seqs + 1``, row 0 off):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -64,19 +66,27 @@ def mask_rows(logits: torch.Tensor, q: torch.Tensor, threshold: torch.Tensor, si
 
 
 class TokenFilterTables:
-    """The Q-head and the per-row tables of one runner.
+    """The Q-heads and the per-row tables of one runner.
 
     Args:
-        ckpt: the loaded Q-head (sizes already checked against the model).
+        ckpt: the loaded Q-head, or every named Q-head of the server in config order (sizes already checked against
+            the model); a row is filtered by its request's head (the row table's ``head`` column).
         num_rows: ``N`` (``max_num_seqs + 1``; row 0 is off).
         device: where everything lives.
     """
 
-    def __init__(self, ckpt: QHeadCheckpoint, num_rows: int, device: torch.device | str) -> None:
+    def __init__(self, ckpt: QHeadCheckpoint | Sequence[QHeadCheckpoint], num_rows: int,
+                 device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self.checkpoint = ckpt
-        self.weights = tuple(w.detach().to(self.device, torch.float32).contiguous() for w in ckpt.head.weights())
-        self.vocab_size = ckpt.head.vocab_size
+        ckpts = [ckpt] if isinstance(ckpt, QHeadCheckpoint) else list(ckpt)
+        self.checkpoints = tuple(ckpts)
+        self.checkpoint = ckpts[0]
+        self.head_weights = tuple(tuple(w.detach().to(self.device, torch.float32).contiguous()
+                                        for w in c.head.weights()) for c in ckpts)
+        self.weights = self.head_weights[0]
+        self.vocab_size = ckpts[0].head.vocab_size
+        # The head of each live row (host): the heads the step's q must be computed for.
+        self.host_head = np.full(num_rows, -1, dtype=np.int64)
         host = torch.zeros(num_rows, dtype=torch.float32)
         self._host = host.pin_memory() if self.device.type == "cuda" else host
         self.host_beta = self._host.numpy()
@@ -90,8 +100,12 @@ class TokenFilterTables:
         self._dirty = False
         self._reset = np.zeros(num_rows, dtype=bool)
 
-    def stage_row(self, row: int, beta: float, k: int = 0) -> None:
-        """A token-mode request took ``row`` (its mass telemetry starts at 0); ``k`` >= 1: the K-candidate rule."""
+    def stage_row(self, row: int, beta: float, k: int = 0, head: int = 0) -> None:
+        """A token-mode request took ``row`` (its mass telemetry starts at 0); ``k`` >= 1: the K-candidate rule;
+        ``head``: the index of its Q-head."""
+        if not 0 <= head < len(self.checkpoints):
+            raise ValueError(f"head must be in [0, {len(self.checkpoints)}), got {head!r}")
+        self.host_head[row] = head
         self.host_beta[row] = float(beta)
         self.host_k[row] = int(k)
         self._reset[row] = True
@@ -101,6 +115,7 @@ class TokenFilterTables:
         """A token-mode request left ``row``: its beta and K go back to 0, so the live rows alone choose the form."""
         self.host_beta[row] = 0.0
         self.host_k[row] = 0
+        self.host_head[row] = -1
         self._dirty = True
 
     def flush(self) -> None:
@@ -115,23 +130,37 @@ class TokenFilterTables:
             self.mass.index_fill_(0, idx, 0.0)
             self._reset[:] = False
 
+    def q(self, hidden: torch.Tensor, idx: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+        """``[B, V]`` fp32 predicted values of every row from its own Q-head: one product per Q-head a live request
+        uses (a loop over heads, not requests; no device read)."""
+        from value_steer.core.qhead import qhead_rows
+
+        if len(self.head_weights) == 1 or head is None:
+            return qhead_rows(hidden, *self.weights)
+        live = np.unique(self.host_head[self.host_head >= 0]).tolist() or [0]
+        row_head = head.index_select(0, idx)
+        q = qhead_rows(hidden, *self.head_weights[live[0]])
+        for g in live[1:]:
+            q = torch.where((row_head == g).unsqueeze(1), qhead_rows(hidden, *self.head_weights[g]), q)
+        return q
+
     def filter(self, hidden: torch.Tensor, logits: torch.Tensor, row_idx: torch.Tensor, threshold: torch.Tensor,
-               sign: torch.Tensor, mode: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               sign: torch.Tensor, mode: torch.Tensor, head: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Filter one step's logits.
 
         Args:
             hidden: ``[B, H]`` the states that produced ``logits``.
             logits: ``[B, V']`` the step's logits.
             row_idx: ``[B]`` int32 value-steering row per batch row (0: not steered this step).
-            threshold, sign, mode: the row table's device columns ``[N]``.
+            threshold, sign, mode, head: the row table's device columns ``[N]`` (``head``: needed with several
+                Q-heads).
         Returns:
             ``(logits' [B, V'], q [B, V] fp32, changed [B] bool)``; the mass telemetry is accumulated here.
         """
-        from value_steer.core.qhead import qhead_rows
-
         idx = row_idx.long()
         on = (idx > 0) & (mode.index_select(0, idx) == MODE_TOKEN)
-        q = qhead_rows(hidden, *self.weights)
+        q = self.q(hidden, idx, head)
         beta = self.row_beta.index_select(0, idx)
         args = (logits, q, threshold.index_select(0, idx), sign.index_select(0, idx), beta, on)
         # Host facts of the live requests choose the cheapest form that covers them (no device read).
