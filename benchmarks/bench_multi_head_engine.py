@@ -1,15 +1,16 @@
 """Several value heads in one vLLM engine (CPU build): a batch mixing 4 heads against the same batch on one head.
 
 ``python benchmarks/bench_multi_head_engine.py [--model DIR] [--rs 32 64] [--k 4] [--threshold T] [--repeats N]
-[--write-results]``
+[--distinct] [--write-results]``
 
-One engine with ``{"vfd": {"heads": {...4 heads...}, "default_head": "sentiment", "num_candidates": K}}``: the
-committed sentiment head, the no-prices example's head (when this checkout has it) and random heads of the model's
-hidden size up to 4. Per R, interleaved repeat by repeat on that engine: R requests all on ``sentiment``, R requests
-round-robin over the 4 heads, and R unsteered requests. A decode step's time comes from differencing two lengths
-(``bench_vfd_engine.step_time``). Reported: mixed/one-head tok/s (the issue's goal: >= 0.95) and each against
-unsteered. Both steered batches run the grouped value-head op (the engine has 4 heads); one head alone in a batch costs
-0.98-0.99x the single-head op (``bench_value_head_grouped.py``).
+One engine with ``{"vfd": {"heads": {...4 heads...}, "default_head": "sentiment", "num_candidates": K}}``. By
+default the heads are the committed head under 4 names (``_heads``), so the ratio is the cost of mixing heads
+alone; ``--distinct`` uses the committed head, the no-prices example's and random heads, whose own intervention
+rates then change the work too. Per R, interleaved repeat by repeat on that engine: R requests all on
+``sentiment``, R requests round-robin over the 4 heads, and R unsteered requests. A decode step's time comes from
+differencing two lengths (``bench_vfd_engine.step_time``). Reported: mixed/one-head tok/s (the issue's goal:
+>= 0.95) and each against unsteered. Both steered batches run the grouped value-head op (the engine has 4 heads);
+one head alone in a batch costs 0.98-0.99x the single-head op (``bench_value_head_grouped.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from value_steer.offline.assets import apply_vllm_cpu_env
 apply_vllm_cpu_env("bench")
 
 
-def _heads(model: str) -> dict[str, str]:
+def _heads(model: str, distinct: bool) -> dict[str, str]:
+    """4 named heads. Default: the committed head under 4 names (4 copies of its weights, stacked like any 4 heads):
+    each request's decisions, and so the engine's work, are the same whichever head scores it, so the ratio is
+    the cost of mixing heads alone. ``distinct``: the committed head, the no-prices example's and random heads (their
+    intervention rates differ, and so does the work of the steps they steer)."""
+    import shutil
+
     import torch
     from transformers import AutoConfig
 
@@ -36,10 +43,17 @@ def _heads(model: str) -> dict[str, str]:
     from value_steer.core.value_head import ValueHead
     from value_steer.offline.assets import default_extra_heads, default_head_path
 
+    tmp = tempfile.mkdtemp()
     heads = {"sentiment": str(default_head_path())}
+    if not distinct:
+        for i in range(1, 4):
+            path = os.path.join(tmp, f"sentiment-copy{i}.safetensors")
+            shutil.copy(heads["sentiment"], path)
+            shutil.copy(heads["sentiment"] + ".meta.json", path + ".meta.json")
+            heads[f"copy{i}"] = path
+        return heads
     heads.update({n: str(p) for n, p in default_extra_heads().items() if p.is_file()})
     hidden = AutoConfig.from_pretrained(model).hidden_size
-    tmp = tempfile.mkdtemp()
     seed = 0
     while len(heads) < 4:
         torch.manual_seed(seed)
@@ -60,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t-long", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--distinct", action="store_true",
+                    help="4 different heads (intervention rates differ) instead of 4 copies of the committed head")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args(argv)
 
@@ -68,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from value_steer.offline.models import prepare_smollm2
 
     model = args.model or str(prepare_smollm2())
-    heads = _heads(model)
+    heads = _heads(model, args.distinct)
     names = list(heads)
     cfg = {"vfd": {"heads": {n: {"path": p, "threshold": args.threshold} for n, p in heads.items()},
                    "default_head": "sentiment", "num_candidates": args.k, "schedule": "eager"}}
@@ -87,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     del llm
     gc.collect()
     name = os.path.basename(model.rstrip("/"))
+    copies = "" if args.distinct else " (4 copies of the committed head)"
     lines = [f"model {name} fp32, vLLM CPU, {os.cpu_count()} cores, exact VFD K={args.k} (eager schedule) "
-             f"t={args.threshold:g}, heads {', '.join(names)}; t_step by differencing "
+             f"t={args.threshold:g}, heads {', '.join(names)}{copies}; t_step by differencing "
              f"{args.t_short}->{args.t_long} tokens, min of {args.repeats} interleaved repeats", "",
              "| R | one head ms | 4 heads mixed ms | unsteered ms | mixed / one-head tok/s | goal >= 0.95 |",
              "|---:|---:|---:|---:|---:|---|"]
@@ -103,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = " ".join(["python benchmarks/bench_multi_head_engine.py", *(sys.argv[1:] if argv is None else argv)])
         body = (f"## vLLM engine: 4 value heads mixed in a batch vs one head (CPU)\n\n{datetime.date.today()} · commit "
                 f"{git_commit()} · `{cmd}`\n\n{table}\n")
-        write_section("multi-head-engine-cpu", body)
+        write_section("multi-head-engine-distinct-cpu" if args.distinct else "multi-head-engine-cpu", body)
     return 0
 
 

@@ -13,6 +13,8 @@ GPU goals from the issue (checked in the "met" column on GPU only):
   logit_steer       no goal set (timed against a per-request torch loop; memory bound on the logits)
   value_head_grouped no goal here (timed against a per-head torch loop); its goal, one-head time / grouped
                     8-head time >= 0.9, is checked by `python benchmarks/bench_value_head_grouped.py`
+  token_filter      no goal here (timed against TokenFilterTables.filter's torch path); its goal, >= 3x that
+                    path at B=32 (mask rule, CPU), is checked by `python benchmarks/bench_token_filter.py`
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import bench_kv
 import bench_logit_steer
 import bench_score_and_select
 import bench_steer_activations
+import bench_token_filter
 import bench_value_head
 import bench_value_head_grouped
 from _common import device, device_name, format_table, peak_bandwidth
@@ -92,6 +95,7 @@ def main() -> None:
     rows += bench_steer_activations.run(dev)
     rows += bench_logit_steer.run(dev)
     rows += bench_value_head_grouped.run(dev)
+    rows += bench_token_filter.run(dev)
     elapsed = time.time() - t0
     impl = "Triton kernels" if dev.type == "cuda" else (
         "C++ extension value_steer._C" if value_steer.has_extension() else "torch reference (value_steer._C NOT built)"

@@ -30,4 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_head_grouped", &value_steer::value_head_grouped,
         "Grouped value head: p[m] = head head_idx[m] on x[m] -> [M] fp32", py::arg("x"), py::arg("head_idx"),
         py::arg("w0"), py::arg("b0"), py::arg("w2"), py::arg("b2"), py::arg("w4"), py::arg("b4"));
+  m.def("token_filter", &value_steer::token_filter, "Token-mode VFD: filter logit rows by a Q-head's token values",
+        py::arg("hidden"), py::arg("logits"), py::arg("row_idx"), py::arg("row_threshold"), py::arg("row_sign"),
+        py::arg("row_mode"), py::arg("row_beta"), py::arg("row_k"), py::arg("w_down"), py::arg("pos"),
+        py::arg("w_up"), py::arg("bias"), py::arg("token_mode"), py::arg("min_safe_mass"));
 }

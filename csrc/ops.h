@@ -68,4 +68,16 @@ std::tuple<at::Tensor, at::Tensor> logit_steer(const at::Tensor& hidden, const a
                                                const at::Tensor& gate_w2, const at::Tensor& gate_b2,
                                                double max_strength);
 
+// Token-mode VFD's logit filter (value_steer/kernels/token_filter.py; semantics value_steer.core.qhead's
+// token_filter_rows). hidden [B, H] and logits [B, V'] fp32/bf16/fp16; row_idx [B_max >= B] int32 in [0, N)
+// (checked); row_threshold / row_sign / row_beta [N] fp32, row_mode / row_k [N] int32; Q-head w_down [R, H],
+// pos [H], w_up [1 <= V <= V', R] (any strides; column-major is free), bias [V] fp32. A row is on when its
+// row > 0 and row_mode[row] == token_mode. Returns (logits' [B, V'] contiguous, z = W_down (h + pos) [B, R] fp32
+// for every row, changed [B] bool, mass [B] fp32); off rows and columns V.. are bytewise copies.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_filter(
+    const at::Tensor& hidden, const at::Tensor& logits, const at::Tensor& row_idx, const at::Tensor& row_threshold,
+    const at::Tensor& row_sign, const at::Tensor& row_mode, const at::Tensor& row_beta, const at::Tensor& row_k,
+    const at::Tensor& w_down, const at::Tensor& pos, const at::Tensor& w_up, const at::Tensor& bias,
+    int64_t token_mode, double min_safe_mass);
+
 }  // namespace value_steer

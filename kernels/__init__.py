@@ -18,6 +18,9 @@ dispatch and the ``torch.library`` registration (with its fake) live together:
 - ``logit_steer``: generative logit steering (GenSteer / CALM) over a batch of logit rows: a low-rank generator
   of the final hidden state, gated, added to each row's logits by its request's strength from a per-row table;
   untouched rows are bitwise copies. Design: ``docs/logit-steering.md``.
+- ``token_filter``: token-mode VFD over a batch of logit rows: a low-rank Q-head's predicted token values mask,
+  reweight (the K-candidate rule) or tilt each row's logits by its request's row of the row table, with the
+  mass each edit moved; untouched rows are bitwise copies; ``[B, V]`` q is never materialised on CPU.
 - ``capture_stream``: the residual stream of capturing tokens at one layer into a persistent buffer (a
   masked copy; one torch implementation for every device).
 
@@ -45,6 +48,12 @@ from value_steer.kernels.steer_activations import (
     steer_gate,
     steer_gate_reference,
     steer_gate_triton,
+)
+from value_steer.kernels.token_filter import (
+    prepare_token_filter_weights,
+    token_filter,
+    token_filter_reference,
+    token_filter_triton,
 )
 from value_steer.kernels.value_head import (
     prepare_value_head_weights,
@@ -80,6 +89,7 @@ __all__ = [
     "logit_steer_reference",
     "logit_steer_triton",
     "prepare_logit_steer_weights",
+    "prepare_token_filter_weights",
     "prepare_value_head_grouped_weights",
     "prepare_value_head_weights",
     "score_and_select",
@@ -91,6 +101,9 @@ __all__ = [
     "steer_gate",
     "steer_gate_reference",
     "steer_gate_triton",
+    "token_filter",
+    "token_filter_reference",
+    "token_filter_triton",
     "value_head",
     "value_head_grouped",
     "value_head_grouped_reference",

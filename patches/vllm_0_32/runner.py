@@ -279,11 +279,11 @@ class SteeringRunnerMixin:
         out = super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
         self._vs_step = None
         if filtered is not None:
-            _, q, changed, row_idx = filtered
+            _, changed, row_idx = filtered
             # Stats: each filtered distribution is scored, a changed one is an intervention; the value is the
             # sampled token's predicted value.
-            tok = out.sampled_token_ids[:, :1].to(torch.int64).clamp(max=q.shape[1] - 1)
-            st.stats.record(row_idx, torch.sigmoid(q.gather(1, tok)[:, 0]), changed, eos_forced=False)
+            tok = out.sampled_token_ids[:, 0].to(torch.int64)
+            st.stats.record(row_idx, torch.sigmoid(st.token.sampled_values(tok)), changed, eos_forced=False)
         hidden = step["hidden"][:n]
         if self._vs_capture is not None and st.any_capture:
             self._vs_capture_rows(is_decode, positions, hidden)
@@ -296,9 +296,9 @@ class SteeringRunnerMixin:
         return out
 
     def _vs_token_filter(self, logits: torch.Tensor, hidden: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Token-mode VFD of this step's logits ``[B, V']`` from the states that produced them (``hidden``), before
-        vLLM's sampler: ``(logits', q [B, V], changed [B], row_idx [B])``, or None when no request of the batch is in
+        vLLM's sampler: ``(logits', changed [B], row_idx [B])``, or None when no request of the batch is in
         token mode. Every sampled row is filtered, the first token included; rows that sample nothing this step
         (partial prefill chunks) and rows of other requests are left bitwise. One H2D copy (the row index)."""
         st = self._vs_state
@@ -312,8 +312,8 @@ class SteeringRunnerMixin:
         skip = self.discard_request_mask.np[:n].astype(bool)  # type: ignore[attr-defined]
         row_idx = st.upload_step_rows(np.where(skip, 0, rows).astype(np.int32))
         t = st.rows
-        out, q, changed = token.filter(hidden[:n], logits, row_idx, t.threshold, t.sign, t.mode, t.head)
-        return out, q, changed, row_idx
+        out, changed = token.filter(hidden[:n], logits, row_idx, t.threshold, t.sign, t.mode, t.head)
+        return out, changed, row_idx
 
     def _vs_forced_eos_logprobs(self, lpt: Any, force: torch.Tensor, eos: torch.Tensor, idx: torch.Tensor,
                                 raw: torch.Tensor) -> None:

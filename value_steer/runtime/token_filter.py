@@ -3,12 +3,14 @@ strengths, per-row telemetry. No vLLM.
 
 A request in token mode has a value-steering row (``RowTable``: ``mode = MODE_TOKEN``, its threshold and sign) like
 abstention and exact VFD. Per step, :meth:`TokenFilterTables.filter` edits the logits of the batch rows whose row is
-in token mode (:func:`value_steer.core.qhead.token_filter_rows`): rows of other modes and row 0 come back bitwise.
+in token mode with the fused ``token_filter`` op (``value_steer.kernels.token_filter``; the semantics are
+:func:`value_steer.core.qhead.token_filter_rows`): rows of other modes and row 0 come back bitwise.
 Everything stays on the device; nothing is read back, and the step has no Python loop over requests.
 
 Tables (``N = max_num_seqs + 1``, row 0 off):
 
-- ``row_beta [N]`` fp32: 0 masks, > 0 tilts; staged in a host mirror at admission and published by :meth:`flush`;
+- ``row_beta [N]`` fp32: 0 masks, > 0 tilts; ``row_k [N]`` int32: >= 1 the K-candidate rule; both staged in host
+  mirrors at admission and published by :meth:`flush`;
 - ``mass [N]`` fp64: per row the summed probability the edits took from the row's distributions (the request's
   ``mass_removed``; its step count and changed-step count are the value-steering stats' ``num_scored`` and
   ``num_interventions``).
@@ -21,48 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from value_steer.core.modes import MODE_TOKEN
-from value_steer.core.qhead import MIN_SAFE_MASS, QHeadCheckpoint, k_emulation_factors, token_filter_rows
-
-
-def mask_rows(logits: torch.Tensor, q: torch.Tensor, threshold: torch.Tensor, sign: torch.Tensor, on: torch.Tensor,
-              min_safe_mass: float = MIN_SAFE_MASS, k: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~value_steer.core.qhead.token_filter_rows` without tilt (every ``beta`` 0; the mask, or the K-candidate
-    rule where ``k >= 1``), with fewer passes over the ``[B, V]`` rows: ``sigmoid(q) > t`` is compared as
-    ``q > logit(t)``, and the masses come from one ``exp(logits - max)`` (no softmax division, no sigmoid). Same
-    arguments and results as the reference, up to tokens whose prediction sits on the threshold within float
-    rounding."""
-    v = q.shape[1]
-    lf = logits[:, :v].float()
-    t = threshold.float()
-    cut = (torch.log(t) - torch.log1p(-t)).unsqueeze(1)  # logit(t); +-inf at t = 1 / 0
-    s = sign.float().unsqueeze(1)
-    unsafe = torch.where(s > 0, q > cut, q < cut)
-    e = (lf - lf.max(dim=-1, keepdim=True).values).exp_()
-    total = e.sum(dim=-1)
-    unsafe_mass = (e * unsafe).sum(dim=-1) / total
-    fallback = (1.0 - unsafe_mass) < min_safe_mass
-    # The fallback without a host read: every row's safest column, used where the row falls back.
-    safest = (s * q).argmin(dim=-1, keepdim=True)
-    keep = torch.arange(v, device=q.device).unsqueeze(0) == safest
-    removed = torch.where(fallback.unsqueeze(1), ~keep, unsafe)
-    safest_mass = e.gather(1, safest).squeeze(1) / total
-    mass = torch.where(fallback, 1.0 - safest_mass, unsafe_mass)
-    out = logits.clone()
-    if k is None:
-        removed = removed & on.unsqueeze(1)
-        out[:, :v].masked_fill_(removed, float("-inf"))
-        return out, removed.any(dim=-1), torch.where(on, mass, torch.zeros_like(mass))
-    use_k = k >= 1
-    log_safe, log_unsafe = k_emulation_factors(unsafe_mass, k.clamp_min(1))
-    edit = torch.where(unsafe, log_unsafe.unsqueeze(1), log_safe.unsqueeze(1))
-    new = torch.where(use_k.unsqueeze(1), lf + edit, lf.masked_fill(removed, float("-inf")))
-    out[:, :v] = torch.where(on.unsqueeze(1), new.to(logits.dtype), logits[:, :v])
-    mass_k = unsafe_mass - unsafe_mass * torch.exp(log_unsafe)
-    mass = torch.where(use_k, mass_k, mass)
-    changed = on & torch.where(use_k, mass_k > 0, removed.any(dim=-1))
-    return out, changed, torch.where(on, mass, torch.zeros_like(mass))
+from value_steer.core.qhead import QHeadCheckpoint
 
 
 class TokenFilterTables:
@@ -81,12 +42,15 @@ class TokenFilterTables:
         ckpts = [ckpt] if isinstance(ckpt, QHeadCheckpoint) else list(ckpt)
         self.checkpoints = tuple(ckpts)
         self.checkpoint = ckpts[0]
-        self.head_weights = tuple(tuple(w.detach().to(self.device, torch.float32).contiguous()
-                                        for w in c.head.weights()) for c in ckpts)
+        from value_steer.kernels.token_filter import prepare_token_filter_weights
+
+        self.head_weights = tuple(prepare_token_filter_weights(c.head, self.device) for c in ckpts)
         self.weights = self.head_weights[0]
         self.vocab_size = ckpts[0].head.vocab_size
         # The head of each live row (host): the heads the step's q must be computed for.
         self.host_head = np.full(num_rows, -1, dtype=np.int64)
+        # The last filter's z per Q-head it ran ([(head, z [B, R])]) and the rows' heads (None: one head).
+        self._step: tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None] = ([], None)
         host = torch.zeros(num_rows, dtype=torch.float32)
         self._host = host.pin_memory() if self.device.type == "cuda" else host
         self.host_beta = self._host.numpy()
@@ -130,24 +94,17 @@ class TokenFilterTables:
             self.mass.index_fill_(0, idx, 0.0)
             self._reset[:] = False
 
-    def q(self, hidden: torch.Tensor, idx: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
-        """``[B, V]`` fp32 predicted values of every row from its own Q-head: one product per Q-head a live request
-        uses (a loop over heads, not requests; no device read)."""
-        from value_steer.core.qhead import qhead_rows
-
-        if len(self.head_weights) == 1 or head is None:
-            return qhead_rows(hidden, *self.weights)
-        live = np.unique(self.host_head[self.host_head >= 0]).tolist() or [0]
-        row_head = head.index_select(0, idx)
-        q = qhead_rows(hidden, *self.head_weights[live[0]])
-        for g in live[1:]:
-            q = torch.where((row_head == g).unsqueeze(1), qhead_rows(hidden, *self.head_weights[g]), q)
-        return q
+    def _live_heads(self) -> list[int]:
+        """The Q-heads some live request uses (host facts; at least one)."""
+        if len(self.head_weights) == 1:
+            return [0]
+        return np.unique(self.host_head[self.host_head >= 0]).tolist() or [0]
 
     def filter(self, hidden: torch.Tensor, logits: torch.Tensor, row_idx: torch.Tensor, threshold: torch.Tensor,
                sign: torch.Tensor, mode: torch.Tensor, head: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Filter one step's logits.
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Filter one step's logits: one fused ``token_filter`` op per Q-head a live request uses (a loop over heads,
+        not requests); each pass filters its own head's rows and leaves every other row bitwise.
 
         Args:
             hidden: ``[B, H]`` the states that produced ``logits``.
@@ -156,18 +113,39 @@ class TokenFilterTables:
             threshold, sign, mode, head: the row table's device columns ``[N]`` (``head``: needed with several
                 Q-heads).
         Returns:
-            ``(logits' [B, V'], q [B, V] fp32, changed [B] bool)``; the mass telemetry is accumulated here.
+            ``(logits' [B, V'], changed [B] bool)``; the mass telemetry is accumulated here, and
+            :meth:`sampled_values` reads the predicted value of the tokens then sampled.
         """
-        idx = row_idx.long()
-        on = (idx > 0) & (mode.index_select(0, idx) == MODE_TOKEN)
-        q = self.q(hidden, idx, head)
-        beta = self.row_beta.index_select(0, idx)
-        args = (logits, q, threshold.index_select(0, idx), sign.index_select(0, idx), beta, on)
-        # Host facts of the live requests choose the cheapest form that covers them (no device read).
-        k = self.row_k.index_select(0, idx) if bool(self.host_k.any()) else None
-        if bool(self.host_beta.any()):  # some live request tilts: the reference handles every form
-            out, changed, mass = token_filter_rows(*args, k=k)
-        else:
-            out, changed, mass = mask_rows(*args[:4], on, k=k)
+        from value_steer.kernels.token_filter import token_filter
+
+        live = self._live_heads()
+        changed = None
+        mass = None
+        z_of = []
+        for g in live:
+            mode_g = mode if len(live) == 1 and g == 0 and len(self.head_weights) == 1 else \
+                torch.where(head == g, mode, torch.zeros_like(mode))
+            logits, z, ch, m = token_filter(hidden, logits, row_idx, threshold, sign, mode_g, self.row_beta,
+                                            self.row_k, *self.head_weights[g])
+            changed = ch if changed is None else changed | ch
+            mass = m if mass is None else mass + m
+            z_of.append((g, z))
+        assert changed is not None and mass is not None
+        idx = row_idx[:logits.shape[0]].long()
         self.mass.index_add_(0, idx, mass.to(torch.float64))  # row 0 is a sink
-        return out, q, changed
+        self._step = (z_of, None if head is None or len(z_of) == 1 else head.index_select(0, idx))
+        return logits, changed
+
+    def sampled_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B]`` fp32 the predicted value (logit scale) of ``tokens [B]`` (the tokens sampled from the last
+        :meth:`filter`'s logits), from each row's own Q-head: ``w_up[tok] . z + bias[tok]``."""
+        z_of, row_head = self._step
+        out = None
+        for g, z in z_of:
+            _, _, w_up, bias = self.head_weights[g]
+            tok = tokens.clamp(0, w_up.shape[0] - 1)
+            q = (w_up.index_select(0, tok) * z).sum(-1) + bias.index_select(0, tok)
+            out = q if out is None else torch.where(row_head == g, q, out)
+        assert out is not None
+        return out
+
