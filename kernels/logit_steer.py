@@ -63,12 +63,27 @@ def prepare_logit_steer_weights(gen: torch.nn.Module | Sequence[torch.Tensor], d
         a contiguous ``[R, V]``): the C++ op reads it as ``[R, V]`` rows without a copy and the Triton kernel's
         ``[BLOCK_V, R]`` tiles are contiguous along V.
     """
-    weights = tuple(gen.weights()) if hasattr(gen, "weights") else tuple(gen)
-    if len(weights) != 7:
-        raise ValueError(f"expected (w_down, pos, w_up, gate_w1, gate_b1, gate_w2, gate_b2), got {len(weights)}")
-    w_down, pos, w_up, w1, b1, w2, b2 = (w.detach().to(device=device, dtype=torch.float32) for w in weights)
-    return (w_down.contiguous(), pos.reshape(-1).contiguous(), w_up.t().contiguous().t(), w1.contiguous(),
-            b1.reshape(-1).contiguous(), w2.reshape(-1).contiguous(), b2.reshape(-1).contiguous())
+    return low_rank_op_weights(gen, ("w_down", "pos", "w_up", "gate_w1", "gate_b1", "gate_w2", "gate_b2"), device)
+
+
+def low_rank_op_weights(module: torch.nn.Module | Sequence[torch.Tensor], names: Sequence[str],
+                        device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """The tensors of a low-rank vocabulary op (the logit-steering generator, the Q-head of ``token_filter``), once:
+    ``module.weights()`` (or the tuple) in the order ``names``, fp32, detached, on ``device``; ``w_up [V, R]`` stored
+    column-major, the other matrices (``w_down``, ``gate_w1``) contiguous, every other tensor flattened to 1-D."""
+    weights = tuple(module.weights()) if hasattr(module, "weights") else tuple(module)
+    if len(weights) != len(names):
+        raise ValueError(f"expected ({', '.join(names)}), got {len(weights)} tensors")
+    out = []
+    for name, w in zip(names, weights):
+        w = w.detach().to(device=device, dtype=torch.float32)
+        if name == "w_up":
+            out.append(w.t().contiguous().t())
+        elif name in ("w_down", "gate_w1"):
+            out.append(w.contiguous())
+        else:
+            out.append(w.reshape(-1).contiguous())
+    return tuple(out)
 
 
 def check_logit_steer_args(

@@ -49,6 +49,7 @@ from value_steer import _ext
 from value_steer.core.modes import MODE_TOKEN
 from value_steer.core.qhead import MIN_SAFE_MASS, token_filter_rows
 from value_steer.kernels._triton_utils import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from value_steer.kernels.logit_steer import low_rank_op_weights
 
 __all__ = [
     "check_token_filter_args",
@@ -73,11 +74,7 @@ def prepare_token_filter_weights(head: torch.nn.Module | Sequence[torch.Tensor],
         contiguous ``[R, V]``): the C++ op reads it as ``[R, V]`` rows (eight columns per vector load) without a
         copy, and the Triton kernels' ``[BLOCK_V, R]`` tiles are contiguous along V.
     """
-    weights = tuple(head.weights()) if hasattr(head, "weights") else tuple(head)
-    if len(weights) != 4:
-        raise ValueError(f"expected (w_down, pos, w_up, bias), got {len(weights)} tensors")
-    w_down, pos, w_up, bias = (w.detach().to(device=device, dtype=torch.float32) for w in weights)
-    return w_down.contiguous(), pos.reshape(-1).contiguous(), w_up.t().contiguous().t(), bias.reshape(-1).contiguous()
+    return low_rank_op_weights(head, ("w_down", "pos", "w_up", "bias"), device)
 
 
 def _is_int(x: object) -> bool:

@@ -231,15 +231,12 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
     if cfg.heads and cfg.mode != MODE_TOKEN:
         # Before any engine starts: every value head must fit this model's hidden size (each file is small).
         from value_steer.core.checkpoint import load_value_head
-        from value_steer.core.config import SINGLE_HEAD_NAME
 
         for head in cfg.heads:
-            field = (f"{cfg.section}.value_head_path" if len(cfg.heads) == 1 and head.name == SINGLE_HEAD_NAME
-                     else f"{cfg.section}.heads.{head.name}")
             try:
                 load_value_head(head.path, hidden_size=model_hidden_size(vllm_config))
             except (OSError, ValueError) as exc:
-                problems.append(f"{field}: {exc}")
+                problems.append(f"{head.field}: {exc}")
     if cfg.logit_steering is not None:
         # Before any engine starts: the generator must fit this model (its file is small; loading it checks all).
         from value_steer.core.logit_steer import load_logit_steer
@@ -252,17 +249,14 @@ def check_engine_config(vllm_config: Any, config: SteerConfig | None = None) -> 
                 problems.append(f"{gen.field}: {exc}")
     if cfg.mode == MODE_TOKEN:
         # Token mode: every Q-head must fit this model's hidden size and logits.
-        from value_steer.core.config import SINGLE_HEAD_NAME
         from value_steer.core.qhead import load_qhead
 
         for head in cfg.heads:
-            field = ("vfd.qhead_path" if len(cfg.heads) == 1 and head.name == SINGLE_HEAD_NAME
-                     else f"vfd.heads.{head.name}")
             try:
                 load_qhead(head.path, hidden_size=model_hidden_size(vllm_config),
                            vocab_size=model_vocab_size(vllm_config))
             except (OSError, ValueError) as exc:
-                problems.append(f"{field}: {exc}")
+                problems.append(f"{head.field}: {exc}")
     if problems:
         raise StartupError(problems)
 

@@ -394,6 +394,7 @@ def test_named_heads_resolve_each_operating_point(head_file, tmp_path):
     assert [h.name for h in cfg.heads] == ["sentiment", "prices"] and cfg.default_head == 1
     assert cfg.value_head_path == str(other) and cfg.direction == "below" and cfg.threshold is None
     assert cfg.heads[0].threshold == 0.6 and cfg.heads[0].sign == 1.0 and cfg.heads[1].sign == -1.0
+    assert [h.field for h in cfg.heads] == ["vfd.heads.sentiment", "vfd.heads.prices"]
     r = parse_request_args({}, cfg, 0.5, head_thresholds=[0.6, 0.3])
     assert (r.head, r.threshold, r.sign) == (1, 0.3, -1.0)
     r = parse_request_args({"head": "sentiment"}, cfg, 0.5, head_thresholds=[0.6, 0.3])
@@ -405,6 +406,7 @@ def test_named_heads_resolve_each_operating_point(head_file, tmp_path):
 def test_single_path_form_is_one_head_named_default(head_file):
     cfg = parse_additional_config({"abstain": {"value_head_path": head_file, "threshold": 0.2}})
     assert [(h.name, h.path, h.threshold) for h in cfg.heads] == [("default", head_file, 0.2)]
+    assert cfg.heads[0].field == "abstain.value_head_path"  # what messages about it name
     assert parse_request_args({"head": "default"}, cfg, 0.2).head == 0
 
 
@@ -463,4 +465,5 @@ def test_token_mode_named_qheads(head_file, tmp_path):
     r = parse_request_args({"head": "tone"}, cfg, 0.5, head_thresholds=[0.7, 0.4])
     assert (r.mode, r.head, r.threshold) == (MODE_TOKEN, 0, 0.7)
     single = parse_additional_config({"vfd": {"mode": "token", "qhead_path": head_file, "threshold": 0.3}})
-    assert [(h.name, h.path, h.threshold) for h in single.heads] == [("default", head_file, 0.3)]
+    assert [(h.name, h.path, h.threshold, h.field) for h in single.heads] == [("default", head_file, 0.3,
+                                                                                "vfd.qhead_path")]

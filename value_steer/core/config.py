@@ -193,6 +193,7 @@ class HeadConfig:
     path: str
     threshold: float | None = None
     direction: str = "above"
+    field: str = "vfd.value_head_path"  # the config field that named it (for messages)
 
     @property
     def sign(self) -> float:
@@ -361,7 +362,8 @@ def _parse_heads(sec: dict[str, Any], name: str, check_files: bool, what: str = 
         if sec.get("threshold") is not None:
             threshold = _check_threshold(sec["threshold"], f"{name}.threshold", ConfigError)
         head = HeadConfig(SINGLE_HEAD_NAME, _check_path(sec["value_head_path"], f"{name}.value_head_path", check_files),
-                          threshold, _check_direction(sec.get("direction", "above"), f"{name}.direction"))
+                          threshold, _check_direction(sec.get("direction", "above"), f"{name}.direction"),
+                          f"{name}.value_head_path")
         return (head,), 0
     for key in ("value_head_path", "threshold", "direction"):
         if key in sec:
@@ -390,7 +392,7 @@ def _parse_heads(sec: dict[str, Any], name: str, check_files: bool, what: str = 
         if entry.get("threshold") is not None:
             threshold = _check_threshold(entry["threshold"], f"{where}.threshold", ConfigError)
         heads.append(HeadConfig(hname, _check_path(entry["path"], f"{where}.path", check_files, what), threshold,
-                                _check_direction(entry.get("direction", "above"), f"{where}.direction")))
+                                _check_direction(entry.get("direction", "above"), f"{where}.direction"), where))
     names = [h.name for h in heads]
     if "default_head" in sec:
         default = sec["default_head"]
@@ -445,7 +447,7 @@ def _parse_token_mode(sec: dict[str, Any], check_files: bool, capture: CaptureCo
     beta = _check_beta(sec.get("beta", 0.0), "vfd.beta", ConfigError)
     enabled = _check_bool(sec.get("enabled_by_default", True), "vfd.enabled_by_default", ConfigError)
     if not heads:
-        heads = (HeadConfig(SINGLE_HEAD_NAME, path, threshold),)
+        heads = (HeadConfig(SINGLE_HEAD_NAME, path, threshold, field="vfd.qhead_path"),)
     return SteerConfig(mode=MODE_TOKEN, threshold=heads[default_head].threshold, enabled_by_default=enabled,
                        capture=capture, steering=steering, logit_steering=logit, qhead_path=path, beta=beta,
                        num_candidates=max(token_k, 1), token_k=token_k, heads=heads, default_head=default_head)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from value_steer.core.checkpoint import HeadCheckpoint, load_value_head
-from value_steer.core.config import SINGLE_HEAD_NAME, RequestSteer, SteerConfig, parse_request_args
+from value_steer.core.config import RequestSteer, SteerConfig, parse_request_args
 from value_steer.core.logit_steer import load_logit_steer
 from value_steer.core.modes import MODE_ABSTAIN, MODE_NAMES, MODE_OFF, MODE_TOKEN
 from value_steer.core.qhead import load_qhead
@@ -91,19 +91,17 @@ class SteeringState:
         self.head_checkpoints: tuple[HeadCheckpoint, ...] = ()
         if config.heads and config.mode != MODE_TOKEN:
             ckpts, thresholds = [], []
-            for i, hc in enumerate(config.heads):
-                field = f"{config.section}.value_head_path" if len(config.heads) == 1 and not i and \
-                    hc.name == SINGLE_HEAD_NAME else f"{config.section}.heads.{hc.name}"
+            for hc in config.heads:
                 try:
                     ck = load_value_head(hc.path, hidden_size=hidden_size, device=self.device)
                 except (FileNotFoundError, ValueError) as exc:
-                    raise ValueError(f"{field}: {exc}") from exc
+                    raise ValueError(f"{hc.field}: {exc}") from exc
                 thr = hc.threshold if hc.threshold is not None else ck.threshold
                 if thr is None:
-                    raise ValueError(f"{field.replace('.value_head_path', '')}.threshold is not set and the head's "
-                                     f"sidecar ({hc.path}.meta.json) has no threshold; give one of them")
+                    raise ValueError(f"{hc.field.replace('.value_head_path', '')}.threshold is not set and the "
+                                     f"head's sidecar ({hc.path}.meta.json) has no threshold; give one of them")
                 if ckpts and ck.feature_spec != ckpts[0].feature_spec:
-                    raise ValueError(f"{field}: its feature spec differs from head {config.heads[0].name!r}'s; "
+                    raise ValueError(f"{hc.field}: its feature spec differs from head {config.heads[0].name!r}'s; "
                                      "heads of one server must score the same features")
                 ckpts.append(ck)
                 thresholds.append(float(thr))
@@ -129,12 +127,10 @@ class SteeringState:
                 raise ValueError("token mode needs the width of the model's logits (vocab_size)")
             qcks, thresholds = [], []
             for hc in config.heads:
-                field = "vfd.qhead_path" if len(config.heads) == 1 and hc.name == SINGLE_HEAD_NAME else \
-                    f"vfd.heads.{hc.name}"
                 try:
                     qck = load_qhead(hc.path, hidden_size=hidden_size, vocab_size=vocab_size)
                 except (FileNotFoundError, ValueError) as exc:
-                    raise ValueError(f"{field}: {exc}") from exc
+                    raise ValueError(f"{hc.field}: {exc}") from exc
                 qcks.append(qck)
                 thresholds.append(float(hc.threshold if hc.threshold is not None else qck.threshold))
                 logger.info("value_steer: token-mode VFD with Q-head %r: %s (rank %d, threshold %g, direction %s, "
