@@ -122,7 +122,7 @@ def test_triton_strided_inputs(device: torch.device) -> None:
     values, tokens, logprobs, row_idx, _ = _batch(16, 4, 0, None, table)
     values, tokens, logprobs, row_idx = _to((values, tokens, logprobs, row_idx.long()), device)
     hidden = torch.randn(16 * 4, 128, device=device)[:, ::2]
-    table = RowTable(*_to((table.threshold, table.sign, table.mode, table.num_candidates), device))
+    table = RowTable(*_to(tuple(getattr(table, c) for c in RowTable.COLUMNS), device))
     args = _args(values.t().contiguous().t(), tokens, logprobs, row_idx, hidden, table)
     _assert_same(score_and_select_triton(*args), score_and_select_reference(*args))
 
@@ -203,7 +203,7 @@ def test_bad_args_raise() -> None:
 def test_gpu_matches_reference(r: int, k: int) -> None:
     table = _table(k)
     batch = _batch(r, k, 4096, torch.bfloat16, table)
-    cuda_table = RowTable(*(t.cuda() for t in (table.threshold, table.sign, table.mode, table.num_candidates)))
+    cuda_table = RowTable(*(getattr(table, c).cuda() for c in RowTable.COLUMNS))
     args_cpu = _args(*batch, table)
     args_gpu = _args(*(t.cuda() for t in batch), cuda_table)
     out = ops.score_and_select(*args_gpu)
