@@ -203,6 +203,8 @@ def test_serve_loads_the_second_concepts_head_beside_the_built_in_one(tmp_path):
     args = build_parser().parse_args(["serve", "--no-extra-heads", "--extra-head", f"mine={mine}", "--head-name", "s"])
     heads, default = serve_heads(args, head, None, True)
     assert default == "s" and heads == {"s": {"path": head}, "mine": {"path": str(mine)}}
+    args = build_parser().parse_args(["serve", "--head", str(mine), "--extra-head", f"other={mine}"])
+    assert list(serve_heads(args, str(mine), None, True)[0]) == ["mine", "other"]  # a user's head: its file's name
     for bad in (["--extra-head", "mine"], ["--extra-head", "x=/nonexistent.safetensors"],
                 ["--extra-head", f"sentiment={mine}"]):
         with pytest.raises(SystemExit, match="--extra-head"):

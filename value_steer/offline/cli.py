@@ -148,7 +148,8 @@ def serve_heads(args: argparse.Namespace, head: str, threshold: float | None, ow
         extra_heads[name] = path
     if not extra_heads:
         return None, None
-    main_name = args.head_name
+    # The built-in head is the sentiment task's; a user's --head is named after its file unless --head-name says.
+    main_name = args.head_name or ("sentiment" if args.head is None else Path(head).name.removesuffix(".safetensors"))
     if main_name in extra_heads:
         raise SystemExit(f"value-steer serve: --extra-head {main_name}: the name is --head's (--head-name)")
     heads: dict[str, dict] = {main_name: {"path": head, **({"threshold": threshold} if threshold is not None else {})}}
@@ -260,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["vfd", "abstain", "token"], default="vfd",
                    help="vfd (exact), abstain, or token (token-mode VFD with --qhead)")
     s.add_argument("--qhead", default=None, help="token mode's Q-head (default: the committed SmolLM2 one)")
-    s.add_argument("--head-name", default="sentiment",
-                   help="the name requests use for --head when several heads are loaded (default: sentiment)")
+    s.add_argument("--head-name", default=None,
+                   help="the name requests use for --head when several heads are loaded (default: 'sentiment' for the "
+                   "built-in head, else the file's name without .safetensors)")
     s.add_argument("--extra-head", action="append", default=None, metavar="NAME=PATH",
                    help="another value head a request may choose with vllm_xargs {\"head\": NAME} (repeatable)")
     s.add_argument("--extra-heads", action=argparse.BooleanOptionalAction, default=True,
