@@ -123,8 +123,8 @@ class TokenFilterTables:
         mass = None
         z_of = []
         for g in live:
-            mode_g = mode if len(live) == 1 and g == 0 and len(self.head_weights) == 1 else \
-                torch.where(head == g, mode, torch.zeros_like(mode))
+            # With several Q-heads, rows of the other heads read as another mode, so this pass leaves them bitwise.
+            mode_g = mode if len(self.head_weights) == 1 else torch.where(head == g, mode, torch.zeros_like(mode))
             logits, z, ch, m = token_filter(hidden, logits, row_idx, threshold, sign, mode_g, self.row_beta,
                                             self.row_k, *self.head_weights[g])
             changed = ch if changed is None else changed | ch
